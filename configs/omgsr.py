@@ -1,0 +1,114 @@
+r"""OMGSR-S: SD2.1-base as a one-step GAN generator with a DINOv3-ConvNeXt discriminator.
+
+Full recipe (OMGSR HEAD, ``configs/omgsr_s_512.yml``; method-facts §1.2), on GPUs or TPUs::
+
+  python -m convert_weights sd --src stabilityai/stable-diffusion-2-1-base --out weights/sd21b
+  python -m convert_weights dinov3 --src facebook/dinov3-convnext-large-pretrain-lvd1689m \
+      --out weights/dinov3_l
+  python -m sr_jax.mid_timestep_search --config=configs/omgsr.py --num_pairs=1000  # prints t*
+  python train.py --config=configs/omgsr.py --workdir=runs/omgsr_s \
+      --config.data.sources="('/data/LSDIR', '/data/ffhq_first10k.txt')"
+
+Tiny default (random tiny models, bundled scikit-image photos, 64 px crops; a few minutes on a CPU)::
+
+  python train.py --config=configs/omgsr.py:tiny --workdir=/tmp/omgsr_tiny
+
+Variants (``--config=configs/omgsr.py:VARIANT``): ``512`` (default), ``tiny``.
+
+Choices where paper and reference code differ (we follow the HEAD code, method-facts §1.1-1.5):
+* base model SD2.1-base with the empty prompt, t* = 273 (paper era: SD-Turbo, t* = 195);
+* Dv3CD exactly as the HEAD DISTS code (stride-1 L2 pooling fed to the next stage, uniform weights);
+* loss weights lambda = (LRR 5, GAN 0.5, Dv3CD 5, L1 0.5) (Eq. 13), D loss 0.5 (Eq. 15);
+* the G loss does not update D (the reference leaks the G-loss gradient into the D heads);
+* no warm-up: the reference's "constant" scheduler ignores its 500 warm-up steps.
+"""
+import ml_collections
+
+from sr_jax.data import pipeline
+
+# Tiny random models for the embedded default: same architectures as SD2.1-base / ConvNeXt, toy sizes.
+TINY_UNET = dict(
+    block_out_channels=[32, 64], down_block_types=['CrossAttnDownBlock2D', 'DownBlock2D'],
+    up_block_types=['UpBlock2D', 'CrossAttnUpBlock2D'], layers_per_block=1,
+    attention_head_dim=[2, 4], cross_attention_dim=32, norm_num_groups=8,
+    use_linear_projection=True, upcast_attention=True, sample_size=16)
+TINY_VAE = dict(
+    block_out_channels=[16, 32, 32], down_block_types=['DownEncoderBlock2D'] * 3,
+    up_block_types=['UpDecoderBlock2D'] * 3, layers_per_block=1, latent_channels=4,
+    norm_num_groups=8, sample_size=64, scaling_factor=0.18215)
+TINY_DINOV3 = dict(hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1], layer_scale_init_value=0.5)
+TINY_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear',
+                      num_train_timesteps=1000, prediction_type='epsilon')
+
+UNET_LORA_TARGETS = ('conv1', 'conv2', 'conv_in', 'conv_shortcut', 'conv', 'conv_out',
+                     'to_q', 'to_k', 'to_v', 'to_out.0')
+
+
+def get_config(arg: str = '512') -> ml_collections.ConfigDict:
+  """Returns the OMGSR-S config for variant ``arg`` ('512' or 'tiny')."""
+  c = ml_collections.ConfigDict()
+  c.method = 'omgsr'
+  c.seed = 123
+
+  c.model = ml_collections.ConfigDict()
+  c.model.source = 'converted'           # 'converted': folders from convert_weights; 'random': tiny
+  c.model.sd_path = 'weights/sd21b'      # convert_weights sd --out (unet/, vae/, prompt_embeds)
+  c.model.dinov3_path = 'weights/dinov3_l'
+  c.model.prompt = ''                    # HEAD: the empty prompt, encoded once at conversion
+  c.model.t_star = 273                   # mid-timestep (OMGSR Eq. 5); recompute for new data/degradations
+  c.model.unet_lora_rank = 32
+  c.model.unet_lora_alpha = 32           # alpha = r: LoRA scale 1
+  c.model.vae_lora_rank = 16
+  c.model.vae_lora_alpha = 16
+  c.model.lora_targets = UNET_LORA_TARGETS
+  c.model.lora_init = 'gaussian'
+  c.model.compute_dtype = 'bfloat16'     # activations; params stay float32
+  c.model.frozen_param_dtype = 'bfloat16'  # frozen UNet/VAE/DINOv3 weights (LoRA + heads stay fp32)
+  c.model.remat = False                  # rematerialise the UNet and decoder in the backward pass
+  c.model.disc_resolution = 512          # head table (method-facts §1.5): 512 or 1024
+
+  c.loss = ml_collections.ConfigDict(dict(lrr=5.0, gan=0.5, dv3cd=5.0, l1=0.5, disc=0.5))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      learning_rate=5e-5, b1=0.9, b2=0.999, weight_decay=1e-4, eps=1e-8, clip_norm=1.0,
+      grad_accum_steps=4))
+
+  # LSDIR folder + a text file listing the first 10k FFHQ images (resized whole to 512, as OMGSR).
+  c.data = pipeline.source_config(paths=('data/LSDIR', 'data/ffhq_first10k.txt'), crop_size=512,
+                                  preset='omgsr_512')
+  c.data.resize_to_crop = [False, True]
+  c.data.worker_count = 8                # grain worker processes per host
+
+  c.batch_size = 16                      # global examples per optimizer step (4 GPUs x 1 x accum 4)
+  c.max_steps = 6000                     # optimizer steps
+  c.log_every = 50
+  c.sample_every = 1000
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  c.shard_frozen = False                 # FSDP-shard the frozen weights over the fsdp axis
+
+  if arg == 'tiny':
+    c.model.source = 'random'
+    c.model.unet_config = TINY_UNET
+    c.model.vae_config = TINY_VAE
+    c.model.dinov3_config = TINY_DINOV3
+    c.model.scheduler_config = TINY_SCHEDULER
+    c.model.prompt_length = 8
+    c.model.unet_lora_rank = c.model.unet_lora_alpha = 4
+    c.model.vae_lora_rank = c.model.vae_lora_alpha = 4
+    c.model.compute_dtype = 'float32'
+    c.model.frozen_param_dtype = 'float32'
+    c.model.disc_resolution = 64
+    c.data = pipeline.source_config(paths=('skimage:',), crop_size=64, preset='omgsr_512')
+    c.data.worker_count = 0              # bundled scikit-image photos, no download
+    c.optim.learning_rate = 1e-3
+    c.optim.grad_accum_steps = 1
+    c.batch_size = 2
+    c.max_steps = 40
+    c.log_every = 10
+    c.sample_every = 20
+    c.checkpoint_every = 20
+  elif arg != '512':
+    raise ValueError(f'unknown OMGSR config variant {arg!r}; choose "512" or "tiny"')
+  return c

@@ -1,0 +1,102 @@
+"""Converts PyTorch checkpoints (diffusers / transformers hub layout) into sr_jax converted folders.
+
+Usage::
+
+  python -m convert_weights sd --src stabilityai/stable-diffusion-2-1-base --out ckpt/sd21 \\
+      [--prompt TEXT ...] [--variant fp16] [--revision R] [--dtype float32] [--allow-pickle]
+  python -m convert_weights dinov3 --src facebook/dinov3-convnext-large-pretrain-lvd1689m \\
+      --out ckpt/dinov3-convnext-large [--dtype float32] [--allow-pickle]
+
+``--src`` is a local folder or a hub repo id (fetched with ``huggingface_hub.snapshot_download``,
+honouring ``HF_HOME`` and ``HF_HUB_OFFLINE``; only the needed files). ``sd`` writes ``OUT/unet`` and
+``OUT/vae`` (converted folders), ``OUT/scheduler_config.json`` (copied), and the CLIP text embedding of
+each ``--prompt`` (default: the empty prompt) in ``OUT/prompt_embeds.safetensors`` +
+``OUT/prompt_embeds.json``; ``dinov3`` writes one converted folder at ``OUT``. The folder format is
+documented in :mod:`sr_jax.pretrained`. Weights are read from safetensors with numpy; pickles
+(``*.bin``) only with ``--allow-pickle`` (``torch.load(weights_only=True)``). Problems (missing file,
+missing/unexpected keys, shape mismatch, unreachable hub id) end the command with one ``error:`` line
+and exit status 1.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+from typing import Sequence
+
+from convert_weights.source import (TRANSFORMERS_STEMS, SourceError, resolve_source, sd_patterns,
+                                    weight_patterns)
+
+_log = logging.getLogger('convert_weights')
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog='python -m convert_weights', description=__doc__.split('\n')[0])
+  commands = parser.add_subparsers(dest='command', required=True)
+  sd = commands.add_parser('sd', help='UNet + VAE + prompt embeddings of a Stable Diffusion pipeline')
+  sd.add_argument('--prompt', action='append', default=None, metavar='TEXT',
+                  help='prompt to encode with the CLIP text encoder (repeatable; default: "")')
+  dinov3 = commands.add_parser('dinov3', help='a transformers DINOv3-ConvNeXt backbone')
+  for sub in (sd, dinov3):
+    sub.add_argument('--src', required=True, help='local folder or hub repo id')
+    sub.add_argument('--out', required=True, help='output folder')
+    sub.add_argument('--revision', default=None, help='hub revision (branch, tag or commit)')
+    sub.add_argument('--variant', default=None, help='weight file variant, e.g. fp16')
+    sub.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16', 'float16'),
+                     help='dtype the converted params are stored in')
+    sub.add_argument('--allow-pickle', action='store_true',
+                     help='also read *.bin pickles (unpickling can run code: trusted files only)')
+  return parser
+
+
+def convert_sd(args: argparse.Namespace) -> None:
+  """UNet + VAE into OUT/unet, OUT/vae; scheduler config; prompt embeddings."""
+  from sr_jax import pretrained  # imports jax; kept out of `--help`
+
+  root = resolve_source(args.src, revision=args.revision,
+                        allow_patterns=sd_patterns(variant=args.variant, allow_pickle=args.allow_pickle))
+  scheduler_config = os.path.join(root, 'scheduler', 'scheduler_config.json')
+  if not os.path.isfile(scheduler_config):
+    raise FileNotFoundError(f'missing {scheduler_config}')
+  for kind in ('unet', 'vae'):
+    pretrained.convert_folder(os.path.join(root, kind), os.path.join(args.out, kind), kind,
+                              source=f'{args.src}/{kind}', dtype=args.dtype, variant=args.variant,
+                              allow_pickle=args.allow_pickle)
+    print(f'{kind}: {os.path.join(root, kind)} -> {os.path.join(args.out, kind)} ({args.dtype})')
+  shutil.copyfile(scheduler_config, os.path.join(args.out, pretrained.SCHEDULER_CONFIG_FILE))
+
+  from convert_weights.text_encoder import encode_prompts  # imports torch + transformers
+  prompts = args.prompt if args.prompt is not None else ['']
+  embeds = encode_prompts(root, prompts, variant=args.variant, allow_pickle=args.allow_pickle)
+  pretrained.save_prompt_embeds(args.out, prompts, embeds, source=f'{args.src}/text_encoder')
+  pretrained.mark_pipeline_root(args.out, source=args.src, parts=('unet', 'vae'))
+  print(f'prompt embeddings {embeds[0].shape} for {prompts!r} -> '
+        f'{os.path.join(args.out, pretrained.PROMPT_EMBEDS_FILE)}')
+
+
+def convert_dinov3(args: argparse.Namespace) -> None:
+  """A transformers DINOv3-ConvNeXt folder into one converted folder at OUT."""
+  from sr_jax import pretrained
+
+  patterns = weight_patterns('', TRANSFORMERS_STEMS, variant=args.variant,
+                             allow_pickle=args.allow_pickle)
+  folder = resolve_source(args.src, revision=args.revision, allow_patterns=patterns)
+  pretrained.convert_folder(folder, args.out, 'dinov3', source=args.src, dtype=args.dtype,
+                            variant=args.variant, allow_pickle=args.allow_pickle)
+  print(f'dinov3: {folder} -> {args.out} ({args.dtype})')
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs the CLI; returns the exit status (0 ok, 1 a named problem, 2 bad arguments)."""
+  args = _parser().parse_args(argv)
+  from sr_jax.weights import CheckpointError
+  try:
+    {'sd': convert_sd, 'dinov3': convert_dinov3}[args.command](args)
+  except (CheckpointError, SourceError, FileNotFoundError, ValueError, OSError) as e:
+    _log.debug('conversion failed', exc_info=True)  # the traceback, for --verbose style debugging
+    print(f'convert_weights {args.command}: error: {e}', file=sys.stderr)
+    return 1
+  return 0
+
