@@ -7,7 +7,7 @@ Full recipe (OMGSR HEAD, ``configs/omgsr_s_512.yml``; method-facts §1.2), on GP
       --out weights/dinov3_l
   python -m sr_jax.mid_timestep_search --config=configs/omgsr.py --num_pairs=1000  # prints t*
   python train.py --config=configs/omgsr.py --workdir=runs/omgsr_s \
-      --config.data.sources="('/data/LSDIR', '/data/ffhq_first10k.txt')"
+      --config.data.paths="('/data/LSDIR', '/data/ffhq_first10k.txt')"
 
 Tiny default (random tiny models, bundled scikit-image photos, 64 px crops; a few minutes on a CPU)::
 
@@ -71,22 +71,24 @@ def get_config(arg: str = '512') -> ml_collections.ConfigDict:
 
   c.optim = ml_collections.ConfigDict(dict(
       learning_rate=5e-5, b1=0.9, b2=0.999, weight_decay=1e-4, eps=1e-8, clip_norm=1.0,
-      grad_accum_steps=4))
+      grad_accum_steps=4, d_learning_rate=None))  # None: the G learning rate, as the reference
 
   # LSDIR folder + a text file listing the first 10k FFHQ images (resized whole to 512, as OMGSR).
   c.data = pipeline.source_config(paths=('data/LSDIR', 'data/ffhq_first10k.txt'), crop_size=512,
                                   preset='omgsr_512')
   c.data.resize_to_crop = [False, True]
-  c.data.worker_count = 8                # grain worker processes per host
+  c.data_workers = 8                     # grain worker processes per host
 
   c.batch_size = 16                      # global examples per optimizer step (4 GPUs x 1 x accum 4)
   c.max_steps = 6000                     # optimizer steps
+  # One training example at 512 (benchmarks/train_step.py; performance-and-style.md), for MFU.
+  c.flops_per_sample = 12.75e12
   c.log_every = 50
   c.sample_every = 1000
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
+  # Devices: 'data' x 'fsdp' (-1 = the rest). fsdp > 1 also splits large frozen weights over 'fsdp'.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
-  c.shard_frozen = False                 # FSDP-shard the frozen weights over the fsdp axis
 
   if arg == 'tiny':
     c.model.source = 'random'
@@ -101,9 +103,11 @@ def get_config(arg: str = '512') -> ml_collections.ConfigDict:
     c.model.frozen_param_dtype = 'float32'
     c.model.disc_resolution = 64
     c.data = pipeline.source_config(paths=('skimage:',), crop_size=64, preset='omgsr_512')
-    c.data.worker_count = 0              # bundled scikit-image photos, no download
-    c.optim.learning_rate = 1e-3
+    c.data_workers = 0                   # the bundled scikit-image photos: no download
+    c.optim.learning_rate = 1e-2         # toy models from scratch LoRA: a visible fall in 40 steps
+    c.optim.d_learning_rate = 1e-4
     c.optim.grad_accum_steps = 1
+    c.flops_per_sample = None
     c.batch_size = 2
     c.max_steps = 40
     c.log_every = 10

@@ -36,6 +36,9 @@ Config keys read (``ml_collections.ConfigDict``; defaults in ``TrainerOptions``)
   prng_impl          PRNG of the key given to ``init_state`` (default: jax's, threefry); 'rbg' is
                      faster on TPU/GPU but its bits may depend on the sharding
   method             name of the module ``sr_jax.methods.<method>`` (only when no method is passed)
+  data, data_workers, data_read_threads
+                     the default data factory's ``sr_jax.data.pipeline`` source config, grain
+                     worker processes per host (default 0) and read threads (default 1)
 
 Outputs in ``workdir``: ``checkpoints/`` (see ``sr_jax.checkpointing``), ``tensorboard/``,
 ``samples/step_<step>.png``, ``metrics.jsonl``, ``config.json``, ``export/``. Only process 0 writes
@@ -237,8 +240,11 @@ def _default_method(config: Any) -> Method:
 
 
 def _default_data_factory(config: Any) -> Iterator[dict]:
+  """``sr_jax.data.pipeline`` on ``config.data``: this process's share of ``config.batch_size``."""
   from sr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  return pipeline.make_train_iterator(config)
+  return pipeline.make_train_iterator(
+      config.data, seed=config.seed, batch_size=config.batch_size // jax.process_count(),
+      worker_count=config.get('data_workers', 0), read_threads=config.get('data_read_threads', 1))
 
 
 def _check_batch_size(options: TrainerOptions, mesh: jax.sharding.Mesh) -> None:
@@ -406,7 +412,8 @@ def _train_loop(run: _Run, state: Any, step: int) -> tuple[Any, int]:
 def train_and_evaluate(config: Any, workdir: str, method: Method | None = None,
                        data_factory: DataFactory | None = None) -> Any:
   """Trains ``method`` (default: ``sr_jax.methods.<config.method>.make_method(config)``) on batches
-  from ``data_factory`` (default: ``sr_jax.data.pipeline.make_train_iterator``), resuming from
+  from ``data_factory`` (default: ``sr_jax.data.pipeline.make_train_iterator`` on ``config.data``,
+  ``config.seed``, this process's share of ``config.batch_size``), resuming from
   ``<workdir>/checkpoints`` if it holds a checkpoint. Returns the final train state."""
   options = TrainerOptions.from_config(config)
   sharding.initialize_distributed(options.distributed)
@@ -428,3 +435,5 @@ def train_and_evaluate(config: Any, workdir: str, method: Method | None = None,
     run.manager.wait_until_finished()
     run.manager.close()
     run.writer.close()
+    if hasattr(run.data_iterator, 'close'):  # grain worker processes
+      run.data_iterator.close()

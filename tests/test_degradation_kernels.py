@@ -99,7 +99,8 @@ def test_kernels_match_basicsr(size, sx, sy, theta):
   ours_vs_ref = [
       (kernels.gaussian_kernel(size, sx), ref.bivariate_Gaussian(size, sx, sy, theta, isotropic=True)),
       (kernels.gaussian_kernel(size, sx, sy, theta), ref.bivariate_Gaussian(size, sx, sy, theta, isotropic=False)),
-      (kernels.sinc_kernel(min(sx, math.pi), size, pad_to=41), ref.circular_lowpass_kernel(min(sx, math.pi), size, 41)),
+      (kernels.sinc_kernel(min(sx, math.pi), size, pad_to=41),
+       ref.circular_lowpass_kernel(min(sx, math.pi), size, 41)),
   ]
   for beta in (0.5, 1.6, 4.0):
     ours_vs_ref += [

@@ -63,7 +63,7 @@ def test_psnr_distribution_matches_the_pytorch_reference(crops):
   ref.torch.manual_seed(0)
   config = degradations.preset('omgsr_512')
   degrade_ref = basicsr_reference.make_reference_degrader(config, ref)
-  small = [hq[::2, ::2] for hq in crops]  # 128^2: the PyTorch pipeline is slow
+  small = [hq[::2, ::2] for hq in crops[::2]]  # 14 crops of 128^2: the PyTorch pipeline is slow
   theirs = _scores(small, lambda hq, i: degrade_ref(hq))
   ours = _scores(small, lambda hq, i: degradations.degrade(hq, np.random.default_rng([1, i]), config))
   _report('omgsr_512 ours', ours)

@@ -10,7 +10,6 @@ dict, imported with ``from_peft_state_dict``, must give our outputs unmerged and
 import copy
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
@@ -160,12 +159,12 @@ def test_toy_targets_match_peft_and_peft_weights_give_our_outputs(toy_case):
   model = peft.get_peft_model(torch_toy(params), peft_config())
   assert lora_module_names(model) == {flax_path_to_torch_key(p)
                                       for p in lora.target_paths(params, CONFIG)}
-  randomise_lora(model, seed=0, std=0.3)
+  randomise_lora(model, seed=0, std=0.1)
   tree = lora.from_peft_state_dict(peft_state_numpy(model), params, CONFIG)
   with torch.no_grad():
     ref = td.nhwc(model(td.nchw(x)))
     merged_ref = td.nhwc(model.merge_and_unload()(td.nchw(x)))
-  assert np.abs(ref - run(params, {})).max() > 1.0  # the LoRA branch matters
+  assert np.abs(ref - run(params, {})).max() > 0.1 * np.abs(ref).max()  # the LoRA branch matters
   assert_close(run(params, tree), ref, 'toy unmerged')
   assert_close(run(lora.merge(params, tree, CONFIG), {}), merged_ref, 'toy merged')
 
@@ -222,14 +221,20 @@ def test_unet_peft_weights_give_our_outputs_unmerged_and_merged(unet_case):
   assert_close(run(lora.merge(params, tree, CONFIG), {}), merged_ref, 'unet merged')
 
 
-def test_unet_export_loads_in_peft(unet_case, tmp_path):
+def test_unet_export_loads_in_peft_and_diffusers(unet_case, tmp_path):
   params = unet_case['params']
   tree = toy.random_lora(params, CONFIG, seed=7, std=0.05)
-  lora.save_peft_adapter(tmp_path, tree, CONFIG)
+  ours = unet_case['run'](params, tree)
+  lora.save_peft_adapter(tmp_path / 'peft', tree, CONFIG)
+  lora.save_peft_adapter(tmp_path / 'diffusers', tree, CONFIG, key_prefix='')
   with torch.no_grad():
-    wrapped = peft.PeftModel.from_pretrained(td.load_torch_unet(unet_case['folder']), str(tmp_path))
-    ref = td.nhwc(wrapped(*unet_case['torch_inputs']).sample)
-  assert_close(unet_case['run'](params, tree), ref, 'unet export')
+    wrapped = peft.PeftModel.from_pretrained(td.load_torch_unet(unet_case['folder']),
+                                             str(tmp_path / 'peft'))
+    assert_close(ours, td.nhwc(wrapped(*unet_case['torch_inputs']).sample), 'unet export (PeftModel)')
+    unet = td.load_torch_unet(unet_case['folder'])
+    unet.load_lora_adapter(str(tmp_path / 'diffusers'), prefix=None,
+                           weight_name=lora.ADAPTER_WEIGHTS_NAME)
+    assert_close(ours, td.nhwc(unet(*unet_case['torch_inputs']).sample), 'unet export (diffusers)')
 
 
 def test_unet_grad_wrt_lora_is_low_rank_only(unet_case):

@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 from absl import logging
+from PIL import Image
 
 import toy_training as toy
 from sr_jax import summary
@@ -71,7 +72,7 @@ def test_run_writes_checkpoints_events_samples_export_and_progress(uninterrupted
   assert os.path.exists(workdir / 'export' / 'params.npz')
   assert json.loads((workdir / 'config.json').read_text())['checkpoint_every'] == 3
   assert sorted(os.listdir(workdir / 'samples')) == ['step_00000002.png', 'step_00000004.png']
-  grid = np.asarray(summary.Image.open(workdir / 'samples' / 'step_00000004.png'))
+  grid = np.asarray(Image.open(workdir / 'samples' / 'step_00000004.png'))
   assert grid.shape == (2 * (4 + 2) + 2, 3 * (4 + 2) + 2, 3)  # 2 examples x (LQ | SR | HQ)
 
   (event_file,) = os.listdir(workdir / 'tensorboard')

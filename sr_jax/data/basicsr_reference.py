@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import math
 import os
+import random
 import sys
 import types
+
+import numpy as np
 
 _FILES = {
     'degradations': ('data', 'degradations.py'),
@@ -94,24 +98,18 @@ def reason() -> str:
   return str(_cache.get('reason', ''))
 
 
-def make_reference_degrader(config, ref: types.SimpleNamespace | None = None):
-  """The PyTorch reference of `degradations.degrade` for a preset, as OMGSR runs it per image.
+class _ReferenceDegrader:
+  """OMGSR's `degrade_process` with basicsr's functions and torch, for one preset (see below)."""
 
-  Mirrors OMGSR `dataset/realesrgan.py` `degrade_process` (basicsr kernels, `filter2D` on kernels
-  zero-padded to the largest size, `F.interpolate` area/bilinear/bicubic, `random_add_*_noise_pt`,
-  DiffJPEG) with the numbers of `config`. Draws from Python's `random`, numpy's and torch's global
-  generators (as the reference does). Returns f(hq float32 (H, W, 3) in [0, 1]) -> lq numpy.
-  """
-  import math  # pylint: disable=g-import-not-at-top
-  import random  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  ref = ref or load()
-  torch, deg = ref.torch, ref.degradations
-  interpolate, filter2d = torch.nn.functional.interpolate, ref.img_process_util.filter2D
-  jpeger = ref.diffjpeg.DiffJPEG(differentiable=False)
-  size_max = max(config.kernel_sizes)
+  def __init__(self, config, ref: types.SimpleNamespace):
+    self.config, self.ref, self.torch = config, ref, ref.torch
+    self.interpolate = ref.torch.nn.functional.interpolate
+    self.filter2d = ref.img_process_util.filter2D
+    self.jpeger = ref.diffjpeg.DiffJPEG(differentiable=False)
+    self.size_max = max(config.kernel_sizes)
 
-  def stage_kernel(stage):
+  def stage_kernel(self, stage):
+    config, deg = self.config, self.ref.degradations
     size = random.choice(list(config.kernel_sizes))
     if np.random.uniform() < stage.sinc_prob:
       low = math.pi / 3 if size < config.sinc_size_split else math.pi / 5
@@ -120,59 +118,70 @@ def make_reference_degrader(config, ref: types.SimpleNamespace | None = None):
       kernel = deg.random_mixed_kernels(list(config.kernel_types), list(stage.kernel_probs), size,
                                         stage.blur_sigma, stage.blur_sigma, [-math.pi, math.pi],
                                         stage.betag_range, stage.betap_range, noise_range=None)
-    pad = (size_max - size) // 2
-    return torch.FloatTensor(np.pad(kernel, ((pad, pad), (pad, pad))))
+    pad = (self.size_max - size) // 2
+    return self.torch.FloatTensor(np.pad(kernel, ((pad, pad), (pad, pad))))
 
-  def resize_scale(stage):
+  def final_sinc(self):
+    config, size_max = self.config, self.size_max
+    if np.random.uniform() < config.final_sinc_prob:
+      size = random.choice(list(config.kernel_sizes))
+      cutoff = np.random.uniform(*config.final_sinc_cutoff)
+      return self.torch.FloatTensor(self.ref.degradations.circular_lowpass_kernel(cutoff, size, pad_to=size_max))
+    pulse = self.torch.zeros(size_max, size_max)
+    pulse[size_max // 2, size_max // 2] = 1
+    return pulse
+
+  def resize(self, out, size=None, scale=None):
+    mode = random.choice(list(self.config.resize_modes))
+    return self.interpolate(out, size=size, scale_factor=scale, mode=mode)
+
+  @staticmethod
+  def resize_scale(stage) -> float:
     kind = random.choices(['up', 'down', 'keep'], list(stage.resize_probs))[0]
     if kind == 'up':
       return np.random.uniform(1, stage.resize_range[1])
     return np.random.uniform(stage.resize_range[0], 1) if kind == 'down' else 1.0
 
-  def noise(out, stage):
+  def noise(self, out, stage):
+    deg = self.ref.degradations
     if np.random.uniform() < stage.gaussian_noise_prob:
       return deg.random_add_gaussian_noise_pt(out, sigma_range=stage.noise_sigma, clip=True, rounds=False,
                                               gray_prob=stage.gray_noise_prob)
     return deg.random_add_poisson_noise_pt(out, scale_range=stage.poisson_scale, gray_prob=stage.gray_noise_prob,
                                            clip=True, rounds=False)
 
-  def jpeg(out, stage):
+  def jpeg(self, out, stage):
     quality = out.new_zeros(out.size(0)).uniform_(*stage.jpeg_quality)
-    return jpeger(torch.clamp(out, 0, 1), quality=quality)
+    return self.jpeger(self.torch.clamp(out, 0, 1), quality=quality)
 
-  def mode():
-    return random.choice(list(config.resize_modes))
+  def __call__(self, hq):
+    with self.torch.no_grad():
+      config, s1, s2, sf = self.config, self.config.stage1, self.config.stage2, self.config.scale
+      img = self.torch.from_numpy(np.ascontiguousarray(hq.transpose(2, 0, 1)))[None].float()
+      kernel1, kernel2, sinc = self.stage_kernel(s1), self.stage_kernel(s2), self.final_sinc()
+      h, w = img.shape[2:]
+      out = self.resize(self.filter2d(img, kernel1), scale=self.resize_scale(s1))
+      out = self.jpeg(self.noise(out, s1), s1)
+      if np.random.uniform() < s2.blur_prob:
+        out = self.filter2d(out, kernel2)
+      scale = self.resize_scale(s2)
+      out = self.noise(self.resize(out, size=(int(h / sf * scale), int(w / sf * scale))), s2)
+      if np.random.uniform() < 0.5:
+        out = self.jpeg(self.filter2d(self.resize(out, size=(h // sf, w // sf)), sinc), s2)
+      else:
+        out = self.filter2d(self.resize(self.jpeg(out, s2), size=(h // sf, w // sf)), sinc)
+      if config.resize_back:
+        out = self.resize(out, size=(h, w))
+      out = self.torch.clamp((out * 255.0).round(), 0, 255) / 255.0
+      return out[0].permute(1, 2, 0).numpy()
 
-  @torch.no_grad()
-  def degrade(hq):
-    s1, s2, sf = config.stage1, config.stage2, config.scale
-    img = torch.from_numpy(np.ascontiguousarray(hq.transpose(2, 0, 1)))[None].float()
-    kernel1, kernel2 = stage_kernel(s1), stage_kernel(s2)
-    if np.random.uniform() < config.final_sinc_prob:
-      size = random.choice(list(config.kernel_sizes))
-      sinc = torch.FloatTensor(deg.circular_lowpass_kernel(np.random.uniform(*config.final_sinc_cutoff), size,
-                                                           pad_to=size_max))
-    else:
-      sinc = torch.zeros(size_max, size_max)
-      sinc[size_max // 2, size_max // 2] = 1
-    h, w = img.shape[2:]
-    out = filter2d(img, kernel1)
-    out = interpolate(out, scale_factor=resize_scale(s1), mode=mode())
-    out = jpeg(noise(out, s1), s1)
-    if np.random.uniform() < s2.blur_prob:
-      out = filter2d(out, kernel2)
-    scale = resize_scale(s2)
-    out = interpolate(out, size=(int(h / sf * scale), int(w / sf * scale)), mode=mode())
-    out = noise(out, s2)
-    if np.random.uniform() < 0.5:
-      out = filter2d(interpolate(out, size=(h // sf, w // sf), mode=mode()), sinc)
-      out = jpeg(out, s2)
-    else:
-      out = jpeg(out, s2)
-      out = filter2d(interpolate(out, size=(h // sf, w // sf), mode=mode()), sinc)
-    if config.resize_back:
-      out = interpolate(out, size=(h, w), mode=mode())
-    out = torch.clamp((out * 255.0).round(), 0, 255) / 255.0
-    return out[0].permute(1, 2, 0).numpy()
 
-  return degrade
+def make_reference_degrader(config, ref: types.SimpleNamespace | None = None):
+  """The PyTorch reference of `degradations.degrade` for a preset, as OMGSR runs it per image.
+
+  Mirrors OMGSR `dataset/realesrgan.py` `degrade_process` (basicsr kernels, `filter2D` on kernels
+  zero-padded to the largest size, `F.interpolate` area/bilinear/bicubic, `random_add_*_noise_pt`,
+  DiffJPEG) with the numbers of `config`. Draws from Python's `random`, numpy's and torch's global
+  generators (as the reference does). Returns f(hq float32 (H, W, 3) in [0, 1]) -> lq numpy.
+  """
+  return _ReferenceDegrader(config, ref or load())

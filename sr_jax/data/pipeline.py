@@ -66,6 +66,10 @@ class PairMaker:
   def __init__(self, entries: Sequence[sources.ImageEntry], crop_size: int,
                degradation: ml_collections.ConfigDict, seed: int, min_image_side: int = 32,
                max_resample: int = 64):
+    if seed < 0:
+      raise ValueError(f'seed must be non-negative (it seeds numpy SeedSequences), got {seed}')
+    if not entries:
+      raise ValueError('no images to draw records from')
     self.entries = list(entries)
     self.crop_size = int(crop_size)
     self.degradation = degradation

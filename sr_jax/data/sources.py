@@ -34,6 +34,7 @@ SKIMAGE_PHOTOS = ('astronaut', 'chelsea', 'coffee', 'rocket', 'hubble_deep_field
                   'retina', 'camera', 'moon', 'coins', 'brick', 'grass', 'gravel', 'clock', 'cell', 'page',
                   'text')
 SKIMAGE_COLOR_PHOTOS = SKIMAGE_PHOTOS[:7]
+_LOG = logging.getLogger(__name__)
 
 
 class BadImageError(Exception):
@@ -61,7 +62,7 @@ class SkipLog:
       if path in self.bad_paths:
         return
       self.bad_paths[path] = reason
-    logging.warning('skipping image %s: %s', path, reason)
+    _LOG.warning('skipping image %s: %s', path, reason)
 
   def known_bad(self, path: str) -> str | None:
     return self.bad_paths.get(path)

@@ -166,12 +166,12 @@ def discriminator_loss(heads_params: Any, models: OmgsrModels, frozen: Mapping[s
 # ---------------------------------------------------------------------------------- train step
 
 
-def make_optimizer(optim: Mapping[str, Any]) -> optax.GradientTransformation:
+def make_optimizer(optim: Mapping[str, Any], learning_rate: float) -> optax.GradientTransformation:
   """AdamW + global-norm clipping at a constant LR (clipping sees the accumulated mean gradient, as
   accelerate's sync step does)."""
   return optax.chain(
       optax.clip_by_global_norm(optim['clip_norm']),
-      optax.adamw(optim['learning_rate'], b1=optim['b1'], b2=optim['b2'], eps=optim['eps'],
+      optax.adamw(learning_rate, b1=optim['b1'], b2=optim['b2'], eps=optim['eps'],
                   weight_decay=optim['weight_decay']))
 
 
@@ -256,7 +256,9 @@ def split_vae_params(params: Mapping[str, Any]) -> tuple[dict, dict]:
 
 def step_functions(models: OmgsrModels, optim: Mapping[str, Any]):
   """(init_state(frozen_shapes, rng), train_step(state, frozen, batch)) closed over the statics."""
-  g_tx, d_tx = make_optimizer(optim), make_optimizer(optim)
+  d_learning_rate = optim.get('d_learning_rate') or optim['learning_rate']
+  g_tx = make_optimizer(optim, optim['learning_rate'])
+  d_tx = make_optimizer(optim, d_learning_rate)
   return (functools.partial(init_state, models, g_tx, d_tx),
           functools.partial(train_step, models, g_tx, d_tx, int(optim['grad_accum_steps'])))
 
@@ -264,14 +266,30 @@ def step_functions(models: OmgsrModels, optim: Mapping[str, Any]):
 # ------------------------------------------------------------------------------------ building
 
 
-def _random_params(module, seed: int) -> Any:
-  """Random init of a module under jit (eager init of even a tiny UNet is slow)."""
-  return jax.jit(lambda rng: module.init(rng, *_as_tuple(module.dummy_inputs()))['params'])(
-      jax.random.key(seed))
+# Seed offsets of the tiny runs' random frozen models (config.seed + offset).
+RANDOM_SEED_OFFSETS = {'unet': 0, 'vae': 1, 'dinov3': 2, 'prompt': 3}
+
+
+def random_params(config, kind: str, module) -> Any:
+  """Random weights of a frozen ``kind`` model for tiny runs, initialised under jit (eager init of even
+  a tiny UNet is slow). Flax derives each param from its module path, so an encoder-only VAE gets the
+  encoder half of the full VAE's weights."""
+  params = jax.jit(lambda rng: module.init(rng, *_as_tuple(module.dummy_inputs()))['params'])(
+      jax.random.key(config.seed + RANDOM_SEED_OFFSETS[kind]))
+  return _near_deterministic_posterior(params) if kind == 'vae' else params
 
 
 def _as_tuple(inputs) -> tuple:
   return inputs if isinstance(inputs, tuple) else (inputs,)
+
+
+def _near_deterministic_posterior(vae_params: Mapping[str, Any], logvar: float = -10.0) -> dict:
+  """A random VAE's posterior has std ~1, a trained one's ~1e-2 or less: shift the log-variance half
+  of the random quant_conv bias so tiny runs sample latents the way the real SD VAE does."""
+  bias = vae_params['quant_conv']['bias']
+  latent_channels = bias.shape[0] // 2
+  quant_conv = {**vae_params['quant_conv'], 'bias': bias.at[latent_channels:].add(logvar)}
+  return {**vae_params, 'quant_conv': quant_conv}
 
 
 def _read_model_config(path: str, kind: str) -> dict:
@@ -281,45 +299,51 @@ def _read_model_config(path: str, kind: str) -> dict:
     return json.load(f)
 
 
-def _load_frozen_models(config) -> tuple[dict, dict, Any]:
-  """(model configs, frozen params, compute dtype) from converted folders or tiny random models."""
+def model_configs(config) -> dict:
+  """The reference configs (unet, vae, dinov3, scheduler) without loading any weight."""
+  m = config.model
+  if m.source == 'random':
+    return {'unet': dict(m.unet_config), 'vae': dict(m.vae_config),
+            'dinov3': dict(m.dinov3_config), 'scheduler': dict(m.scheduler_config)}
+  if m.source == 'converted':
+    from sr_jax import pretrained  # pylint: disable=g-import-not-at-top
+    with open(os.path.join(m.sd_path, pretrained.SCHEDULER_CONFIG_FILE)) as f:
+      scheduler = json.load(f)
+    return {'unet': _read_model_config(m.sd_path, 'unet'), 'vae': _read_model_config(m.sd_path, 'vae'),
+            'dinov3': _read_model_config(m.dinov3_path, 'dinov3'), 'scheduler': scheduler}
+  raise ValueError(f"config.model.source must be 'random' or 'converted', got {m.source!r}")
+
+
+def load_frozen(config, cfgs: Mapping[str, Any]) -> dict:
+  """Frozen params {unet, vae_encoder, vae_decoder, dino, prompt_embeds}: converted folders, or tiny
+  random models (seeded by ``config.seed``). Usable under ``jax.eval_shape`` for shapes only."""
   m = config.model
   compute, frozen_dtype = jnp.dtype(m.compute_dtype), jnp.dtype(m.frozen_param_dtype)
   if m.source == 'random':
-    cfgs = {'unet': dict(m.unet_config), 'vae': dict(m.vae_config),
-            'dinov3': dict(m.dinov3_config), 'scheduler': dict(m.scheduler_config)}
-    params = {kind: _random_params(cls.from_config(cfgs[kind]), config.seed + i)
-              for i, (kind, cls) in enumerate([('unet', UNet2DConditionModel), ('vae', AutoencoderKL),
-                                                ('dinov3', DINOv3ConvNextModel)])}
-    prompt = jax.random.normal(jax.random.key(config.seed + 3),
+    params = {kind: random_params(config, kind, cls.from_config(cfgs[kind]))
+              for kind, cls in [('unet', UNet2DConditionModel), ('vae', AutoencoderKL),
+                                ('dinov3', DINOv3ConvNextModel)]}
+    prompt = jax.random.normal(jax.random.key(config.seed + RANDOM_SEED_OFFSETS['prompt']),
                                (1, m.prompt_length, cfgs['unet']['cross_attention_dim']))
-  elif m.source == 'converted':
+  else:
     from sr_jax import pretrained  # pylint: disable=g-import-not-at-top
-    cfgs = {'unet': _read_model_config(m.sd_path, 'unet'), 'vae': _read_model_config(m.sd_path, 'vae'),
-            'dinov3': _read_model_config(m.dinov3_path, 'dinov3')}
-    with open(os.path.join(m.sd_path, pretrained.SCHEDULER_CONFIG_FILE)) as f:
-      cfgs['scheduler'] = json.load(f)
     params = {'unet': pretrained.load_unet(m.sd_path, param_dtype=frozen_dtype)[1],
               'vae': pretrained.load_vae(m.sd_path, param_dtype=frozen_dtype)[1],
               'dinov3': pretrained.load_dinov3(m.dinov3_path, param_dtype=frozen_dtype)[1]}
     prompt = pretrained.load_prompt_embeds(m.sd_path, m.prompt)
-  else:
-    raise ValueError(f"config.model.source must be 'random' or 'converted', got {m.source!r}")
   cast = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, frozen_dtype), tree)
   encoder, decoder = split_vae_params(params['vae'])
-  frozen = {'unet': cast(params['unet']), 'vae_encoder': cast(encoder), 'vae_decoder': cast(decoder),
-            'dino': cast(params['dinov3']), 'prompt_embeds': jnp.asarray(prompt, compute)}
-  return cfgs, frozen, compute
+  return {'unet': cast(params['unet']), 'vae_encoder': cast(encoder), 'vae_decoder': cast(decoder),
+          'dino': cast(params['dinov3']), 'prompt_embeds': jnp.asarray(prompt, compute)}
 
 
-def build(config) -> tuple[OmgsrModels, dict, dict]:
-  """Config -> (static models, frozen params, model configs). Frozen params are host/default-device
-  arrays; the trainer places (and optionally FSDP-shards) them."""
-  cfgs, frozen, compute = _load_frozen_models(config)
+def build_models(config, cfgs: Mapping[str, Any]) -> OmgsrModels:
+  """The static half (modules, LoRA configs, t*, alpha-bar, loss weights) from the config."""
   m = config.model
+  compute = jnp.dtype(m.compute_dtype)
   alphas_cumprod = schedules.ddpm_alphas_cumprod(cfgs['scheduler'])
   targets = tuple(m.lora_targets)
-  models = OmgsrModels(
+  return OmgsrModels(
       unet=UNet2DConditionModel.from_config(cfgs['unet'], dtype=compute),
       vae_encoder=AutoencoderKL.from_config(cfgs['vae'], dtype=compute, parts=('encoder',)),
       vae_decoder=AutoencoderKL.from_config(cfgs['vae'], dtype=compute, parts=('decoder',)),
@@ -333,7 +357,13 @@ def build(config) -> tuple[OmgsrModels, dict, dict]:
       t_star=int(m.t_star), alpha_bar=float(alphas_cumprod[m.t_star]),
       scaling_factor=float(cfgs['vae'].get('scaling_factor', 0.18215)),
       loss_weights=tuple(sorted(dict(config.loss).items())), remat=bool(m.remat))
-  return models, frozen, cfgs
+
+
+def build(config) -> tuple[OmgsrModels, dict, dict]:
+  """Config -> (static models, frozen params, model configs). Frozen params are default-device
+  arrays; the trainer places (and optionally FSDP-shards) them."""
+  cfgs = model_configs(config)
+  return build_models(config, cfgs), load_frozen(config, cfgs), cfgs
 
 
 # ------------------------------------------------------------------------- trainer integration
@@ -396,4 +426,6 @@ def make_method(config):
       train_step=step_fn,
       frozen=frozen,
       sample=functools.partial(sample_images, models),
-      export=functools.partial(export_inference_bundle, models, cfgs, config.model.prompt))
+      export=functools.partial(export_inference_bundle, models, cfgs, config.model.prompt),
+      # XLA's cost analysis counts the accumulation scan body once, so give the count explicitly.
+      flops_per_sample=config.get('flops_per_sample'))

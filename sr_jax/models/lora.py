@@ -37,7 +37,8 @@ import numpy as np
 from flax import traverse_util
 from jax import lax
 
-from sr_jax.weights import CheckpointError, flax_path_to_torch_key, flax_to_torch_array, torch_to_flax_array
+from sr_jax.weights import (CheckpointError, flax_path_to_torch_key, flax_to_torch_array,
+                            torch_to_flax_array)
 
 # OMGSR train/train_omgsr_s.py set_unet_lora / set_vae_encoder_lora (method-facts §1.2).
 OMGSR_TARGET_MODULES = ('conv1', 'conv2', 'conv_in', 'conv_shortcut', 'conv', 'conv_out', 'to_q', 'to_k',
@@ -134,7 +135,8 @@ def target_paths(params: Mapping[str, Any], config: LoRAConfig) -> list[ModulePa
 
 
 def _lora_shapes(kernel_shape: Sequence[int], rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-  """Dense (in, out) -> A (in, r), B (r, out); Conv (kh, kw, in, out) -> A (kh, kw, in, r), B (1, 1, r, out)."""
+  """Dense (in, out) -> A (in, r), B (r, out);
+  Conv (kh, kw, in, out) -> A (kh, kw, in, r), B (1, 1, r, out)."""
   *window_and_in, out = kernel_shape
   ones = (1,) * (len(kernel_shape) - 2)
   return (*window_and_in, rank), (*ones, rank, out)
@@ -204,7 +206,8 @@ def _low_rank_conv(layer: nn.Conv, x: jax.Array, a: jax.Array, b: jax.Array) -> 
     unsupported['mask'] = 'set'
   if unsupported:
     # PEFT's lora.Conv2d copies only kernel size, stride and padding; anything else would not merge.
-    raise NotImplementedError(f'LoRA on {layer.path}: conv settings {unsupported} are not supported')
+    raise ValueError(f'LoRA on {"/".join(layer.scope.path)}: conv settings {unsupported} '
+                              'are not supported')
   a_conv = layer.clone(parent=None, features=a.shape[-1], use_bias=False)
   h = a_conv.apply({'params': {'kernel': a}}, x)
   h, b = nn.dtypes.promote_dtype(h, b.reshape(b.shape[-2:]), dtype=layer.dtype)
@@ -376,7 +379,7 @@ def config_from_peft(adapter_config: Mapping[str, Any]) -> LoRAConfig:
   if adapter_config.get('bias', 'none') != 'none':
     unsupported['bias'] = adapter_config['bias']
   if unsupported:
-    raise NotImplementedError(f'PEFT adapter options not supported: {unsupported}')
+    raise ValueError(f'PEFT adapter options not supported: {unsupported}')
   exclude = adapter_config.get('exclude_modules')
   prefix = None
   if isinstance(exclude, str):
@@ -395,15 +398,25 @@ def config_from_peft(adapter_config: Mapping[str, Any]) -> LoRAConfig:
 
 
 def save_peft_adapter(directory: str | os.PathLike, lora_params: Mapping[str, Any], config: LoRAConfig,
-                      base_model_name_or_path: str | None = None) -> str:
-  """Writes a PEFT adapter folder (``PeftModel.from_pretrained(torch_model, directory)`` loads it)."""
+                      base_model_name_or_path: str | None = None,
+                      key_prefix: str = PEFT_MODEL_PREFIX) -> str:
+  """Writes a PEFT adapter folder: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+  With the default ``key_prefix`` (``PeftModel.save_pretrained``'s layout) it loads with
+  ``PeftModel.from_pretrained(torch_model, directory)`` and ``set_peft_model_state_dict``; with
+  ``key_prefix=''`` it loads with diffusers ``model.load_lora_adapter(directory, prefix=None,
+  weight_name='adapter_model.safetensors')``, which reads the LoRA config from the file's
+  ``lora_adapter_metadata`` (written in both cases).
+  """
   from safetensors.numpy import save_file
   directory = os.fspath(directory)
   os.makedirs(directory, exist_ok=True)
+  adapter_config = peft_adapter_config(config, base_model_name_or_path)
   with open(os.path.join(directory, ADAPTER_CONFIG_NAME), 'w') as f:
-    json.dump(peft_adapter_config(config, base_model_name_or_path), f, indent=2, sort_keys=True)
-  save_file(to_peft_state_dict(lora_params, config, key_prefix=PEFT_MODEL_PREFIX),
-            os.path.join(directory, ADAPTER_WEIGHTS_NAME), metadata={'format': 'pt'})
+    json.dump(adapter_config, f, indent=2, sort_keys=True)
+  metadata = {'format': 'pt', 'lora_adapter_metadata': json.dumps(adapter_config, sort_keys=True)}
+  save_file(to_peft_state_dict(lora_params, config, key_prefix=key_prefix),
+            os.path.join(directory, ADAPTER_WEIGHTS_NAME), metadata=metadata)
   return directory
 
 

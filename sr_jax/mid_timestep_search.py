@@ -1,0 +1,256 @@
+r"""The mid-timestep t* search command (OMGSR Sec. 3.3, Eq. 3-5): data pipeline -> frozen VAE -> t*.
+
+    python -m sr_jax.mid_timestep_search --config=configs/omgsr.py --num_pairs=1000 \
+        --out_dir=runs/mid_timestep
+    python -m sr_jax.mid_timestep_search --config=configs/omgsr.py:tiny --num_pairs=8 \
+        --out_dir=/tmp/mid_timestep                       # tiny random VAE, bundled photos, CPU
+
+It prints t* and writes ``<out_dir>/mid_timestep.json`` (t*, the mean loss curve over t = 0..999,
+metadata) and ``<out_dir>/mid_timestep.png`` (the curve, t* circled). Set ``config.model.t_star`` (or
+``--config.model.t_star=...`` when training) to the printed value. ``--config.key=value`` overrides
+work as for ``train.py``, e.g. ``--config.data.paths="('/data/LSDIR',)"``, ``--config.seed=7``.
+
+What it measures (the HEAD script ``mid_timestep/mid_timestep_sd.py``, method-facts §1.4):
+
+* the pairs are the first ``num_pairs`` records of the training stream: ``config.data`` and
+  ``config.seed`` through ``sr_jax.data.pipeline`` (same crops, flips and degradations as training).
+  The reference walks its whole dataset once; pass the image count as ``--num_pairs`` to do the
+  same (more pairs than images start a second epoch with new crops and degradations);
+* HQ and LQ are encoded by the FROZEN VAE encoder (no LoRA) to sampled latents x scaling factor,
+  exactly :func:`sr_jax.methods.omgsr.encode_lq_latent` with ``encoder_lora=None``;
+* per sample: E[z_H^2] and E[(z_L - z_H)^2] (Eq. 3-4), then the dataset mean of
+  ``|SNR(z_t) - SNR(z_L)|`` for t = 0..999 of the DDPM schedule of the base model (Eq. 5), accumulated
+  by :class:`sr_jax.diffusion.mid_timestep.MidTimestepAccumulator`.
+
+The VAE always runs in float32 here, whatever ``config.model.compute_dtype``: the reference loads it
+in float32 for the search, and bf16 rounding of z_L - z_H would add noise power to Eq. 4.
+
+Weights: ``config.model.source == 'converted'`` loads only the encoder half of the VAE in
+``config.model.sd_path`` and its ``scheduler_config.json``; ``'random'`` (the tiny config) initialises
+the encoder from ``config.model.vae_config`` with ``omgsr.random_params``, as tiny training does, so
+the tiny search sees the same encoder (flax derives a parameter's init key from its module path, so an
+encoder-only init equals the encoder half of the full init; ``tests/test_mid_timestep_search.py``
+checks it).
+
+Flow matching (OMGSR-F, Eq. 18-19): not offered. The accumulator supports it
+(``MidTimestepAccumulator.for_flow_matching(schedules.flux_mid_timestep_sigmas())``), but OMGSR-F needs
+the FLUX VAE (16 latent channels, its own scaling and shift), which sr_jax does not port; running
+FLUX sigmas on SD latents would produce a t* that means nothing.
+
+Runs on one process and one device (the default device); the VAE encoder is the only model built.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sr_jax.diffusion import mid_timestep
+from sr_jax.diffusion import schedules
+from sr_jax.methods import omgsr
+from sr_jax.models.vae import AutoencoderKL
+
+# omgsr._load_frozen_models initialises (unet, vae, dinov3) with seeds config.seed + (0, 1, 2).
+DEFAULT_SCALING_FACTOR = 0.18215          # diffusers' AutoencoderKL default
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenEncoder:
+  """The fields of ``omgsr.OmgsrModels`` that :func:`omgsr.encode_lq_latent` reads (no LoRA)."""
+  vae_encoder: AutoencoderKL              # parts=('encoder',): encoder + quant_conv
+  scaling_factor: float
+  vae_lora: Any = None                    # unused: encode_lq_latent gets encoder_lora=None
+
+
+def _read_json(path: str) -> dict:
+  with open(path) as f:
+    return json.load(f)
+
+
+def load_frozen_encoder(config) -> tuple[FrozenEncoder, Any, dict]:
+  """Config -> (encoder statics, float32 encoder params, scheduler config dict). Builds nothing else."""
+  m = config.model
+  if m.source == 'random':
+    vae_config = dict(m.vae_config)
+    module = AutoencoderKL.from_config(vae_config, dtype=jnp.float32, parts=('encoder',))
+    params = omgsr.random_params(config, 'vae', module)
+    scheduler_config = dict(m.scheduler_config)
+  elif m.source == 'converted':
+    from sr_jax import pretrained  # pylint: disable=g-import-not-at-top
+    module, params = pretrained.load_vae(m.sd_path, parts=('encoder',))
+    vae_folder = pretrained.resolve_model_folder(m.sd_path, 'vae')
+    vae_config = _read_json(os.path.join(vae_folder, pretrained.CONFIG_FILE))
+    scheduler_config = _read_json(os.path.join(m.sd_path, pretrained.SCHEDULER_CONFIG_FILE))
+  else:
+    raise ValueError(f"config.model.source must be 'random' or 'converted', got {m.source!r}")
+  scaling = float(vae_config.get('scaling_factor', DEFAULT_SCALING_FACTOR))
+  return FrozenEncoder(module, scaling), params, scheduler_config
+
+
+def make_pair_statistics_fn(encoder: FrozenEncoder) -> Callable:
+  """Jitted ``(params, hq, lq, rng) -> (E[z_H^2], E[(z_L - z_H)^2])``, each (B,), for Eq. 3-4.
+
+  HQ and LQ go through one encoder call (a 2B batch); each latent is ``latent_dist.sample()`` x
+  scaling factor, as the reference and the OMGSR training step.
+  """
+  @jax.jit
+  def pair_statistics(params, hq, lq, rng):
+    images = jnp.concatenate([hq, lq], axis=0)
+    latents = omgsr.encode_lq_latent(encoder, params, None, images, rng)
+    z_h, z_l = jnp.split(latents, 2, axis=0)
+    return mid_timestep.latent_pair_statistics(z_h, z_l)
+  return pair_statistics
+
+
+def _metadata(config, *, num_pairs: int, batch_size: int, encoder: FrozenEncoder,
+              scheduler_config: dict, curve: np.ndarray, power_sum: float, lq_snr_sum: float,
+              seconds: float) -> dict:
+  """What the JSON records next to t*: the data, the model and the config's current t* to compare."""
+  data, m = config.data, config.model
+  config_t_star = m.get('t_star')
+  in_range = config_t_star is not None and 0 <= int(config_t_star) < len(curve)
+  return dict(
+      command='python -m sr_jax.mid_timestep_search',
+      equation='OMGSR Eq. 3-5 (DDPM); latents from the frozen VAE encoder, sampled x scaling factor',
+      num_pairs=num_pairs, batch_size=batch_size, seed=int(config.seed),
+      data_paths=[str(p) for p in data.paths], resize_to_crop=[bool(f) for f in data.resize_to_crop],
+      repeats=[int(r) for r in data.repeats], crop_size=int(data.crop_size), preset=str(data.preset),
+      model_source=str(m.source), sd_path=str(m.sd_path) if m.source == 'converted' else None,
+      vae_dtype='float32', scaling_factor=encoder.scaling_factor,
+      scheduler_config=json.loads(json.dumps(scheduler_config, default=str)),
+      config_t_star=int(config_t_star) if config_t_star is not None else None,
+      loss_at_config_t_star=float(curve[int(config_t_star)]) if in_range else None,
+      mean_hq_latent_power=power_sum / num_pairs, mean_lq_snr=lq_snr_sum / num_pairs,
+      seconds=round(seconds, 2))
+
+
+def _make_iterator(config, batch_size: int):
+  from sr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  return pipeline.make_train_iterator(
+      config.data, seed=config.seed, batch_size=batch_size, process_index=0, process_count=1,
+      worker_count=config.get('data_workers', 0), read_threads=config.get('data_read_threads', 1))
+
+
+def _stream_statistics(config, encoder: FrozenEncoder, params: Any, num_pairs: int, batch_size: int,
+                       add: Callable[[np.ndarray, np.ndarray], None]) -> None:
+  """Feeds ``add`` the per-sample statistics of the first ``num_pairs`` pairs of the stream.
+
+  The host fetches batch i's statistics after dispatching batch i + 1, so loading overlaps encoding;
+  the last batch is trimmed to ``num_pairs`` (every batch has the same shape: one compilation).
+  """
+  pair_statistics = make_pair_statistics_fn(encoder)
+  base_rng = jax.random.key(config.seed)
+  num_batches = -(-num_pairs // batch_size)
+  iterator = _make_iterator(config, batch_size)
+  pending, seen, log_every = None, 0, max(1, num_batches // 10)
+  try:
+    for index in range(num_batches):
+      batch = next(iterator)
+      stats = pair_statistics(params, jnp.asarray(batch['hq']), jnp.asarray(batch['lq']),
+                              jax.random.fold_in(base_rng, index))
+      if pending is not None:
+        seen += _take(pending, num_pairs - seen, add)
+      pending = stats
+      if (index + 1) % log_every == 0:
+        print(f'  batch {index + 1}/{num_batches}', flush=True)
+    seen += _take(pending, num_pairs - seen, add)
+  finally:
+    close = getattr(iterator, 'close', None)
+    if close is not None:
+      close()
+  assert seen == num_pairs, (seen, num_pairs)
+
+
+def _take(stats, limit: int, add: Callable[[np.ndarray, np.ndarray], None]) -> int:
+  power, noise_power = (np.asarray(x, np.float64)[:limit] for x in jax.device_get(stats))
+  add(power, noise_power)
+  return len(power)
+
+
+def search_mid_timestep(config, num_pairs: int, batch_size: int = 8, out_dir: str = '.',
+                        name: str = 'mid_timestep') -> dict:
+  """OMGSR Eq. 5: ``t* = argmin_t mean_i |SNR(z_t^(i)) - SNR(z_L^(i))|`` over ``num_pairs`` pairs.
+
+  Args:
+    config: an OMGSR config (``configs/omgsr.py``): uses ``config.data``, ``config.seed``,
+      ``config.data_workers`` and ``config.model`` (source, sd_path / vae_config, scheduler, t_star).
+    num_pairs: how many (HQ, LQ) pairs of the training stream to encode.
+    batch_size: pairs per encoder call (2 x batch_size images).
+    out_dir: where ``<name>.json`` and ``<name>.png`` go (created if missing).
+    name: file stem of the report.
+
+  Returns:
+    dict with ``t_star``, ``loss_at_t_star``, ``config_t_star``, ``loss_at_config_t_star``,
+    ``num_pairs``, ``mean_curve`` ((1000,) float64 numpy, index = timestep), ``json_path``,
+    ``png_path``, ``metadata`` (as written to the JSON).
+  """
+  if num_pairs < 1 or batch_size < 1:
+    raise ValueError(f'num_pairs and batch_size must be >= 1, got {num_pairs}, {batch_size}')
+  batch_size = min(batch_size, num_pairs)
+  start = time.perf_counter()
+  encoder, params, scheduler_config = load_frozen_encoder(config)
+  accumulator = mid_timestep.MidTimestepAccumulator.for_ddpm(
+      schedules.ddpm_alphas_cumprod(scheduler_config))
+  sums = {'power': 0.0, 'lq_snr': 0.0}
+
+  def add(power, noise_power):
+    accumulator.add_statistics(power, noise_power)
+    sums['power'] += float(power.sum())
+    sums['lq_snr'] += float((power / noise_power).sum())
+
+  _stream_statistics(config, encoder, params, num_pairs, batch_size, add)
+  curve = accumulator.mean_curve()
+  metadata = _metadata(config, num_pairs=num_pairs, batch_size=batch_size, encoder=encoder,
+                       scheduler_config=scheduler_config, curve=curve, power_sum=sums['power'],
+                       lq_snr_sum=sums['lq_snr'], seconds=time.perf_counter() - start)
+  json_path, png_path = mid_timestep.write_mid_timestep_report(out_dir, accumulator, name=name,
+                                                               metadata=metadata)
+  t_star = accumulator.optimal_timestep()
+  return dict(t_star=t_star, loss_at_t_star=float(curve[t_star]),
+              config_t_star=metadata['config_t_star'],
+              loss_at_config_t_star=metadata['loss_at_config_t_star'], num_pairs=num_pairs,
+              mean_curve=curve, json_path=json_path, png_path=png_path, metadata=metadata)
+
+
+# ---------------------------------------------------------------------------------- command line
+
+
+def _define_flags():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file('config', None, 'OMGSR config file, e.g. configs/omgsr.py:tiny.',
+                                  lock_config=True)
+  flags.DEFINE_integer('num_pairs', 1000, 'Pairs of the training stream to encode (OMGSR Eq. 5 N).')
+  flags.DEFINE_integer('batch_size', 8, 'Pairs per encoder call.')
+  flags.DEFINE_string('out_dir', 'runs/mid_timestep', 'Where <name>.json and <name>.png go.')
+  flags.DEFINE_string('name', 'mid_timestep', 'File stem of the report.')
+  flags.mark_flags_as_required(['config'])
+  return flags.FLAGS
+
+
+def main(argv) -> None:
+  """``python -m sr_jax.mid_timestep_search --config=... --num_pairs=N --out_dir=DIR``."""
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  FLAGS = flags.FLAGS  # pylint: disable=invalid-name
+  result = search_mid_timestep(FLAGS.config, FLAGS.num_pairs, FLAGS.batch_size, FLAGS.out_dir,
+                               FLAGS.name)
+  meta = result['metadata']
+  print(f"pairs: {result['num_pairs']}  data: {meta['data_paths']}  preset: {meta['preset']}  "
+        f"crop: {meta['crop_size']}  mean SNR(z_L): {meta['mean_lq_snr']:.4g}")
+  if result['config_t_star'] is not None and result['loss_at_config_t_star'] is not None:
+    print(f"config t_star = {result['config_t_star']} (loss {result['loss_at_config_t_star']:.6g})")
+  print(f"report: {result['json_path']}  plot: {result['png_path']}")
+  print(f"t* = {result['t_star']} (loss {result['loss_at_t_star']:.6g})", flush=True)
+
+
+if __name__ == '__main__':
+  from absl import app  # pylint: disable=g-import-not-at-top
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,184 @@
+"""Convolution and attention that run fast on XLA:CPU, numerically equivalent to the plain lax ops.
+
+XLA:CPU lowers convolutions to Eigen and ``jax.nn.dot_product_attention`` to a plain softmax over
+the whole score tensor; on the models of this project that made the jitted JAX forward slower than
+PyTorch eager on the same CPU (benchmarks/models_vs_torch.py, benchmarks/RESULTS.md). The functions
+here take other routes on the CPU backend only, chosen when the model is traced; on GPU/TPU they are
+exactly the lax / cuDNN ops:
+
+* :func:`conv_general_dilated` is a drop-in for ``lax.conv_general_dilated`` that Flax's ``nn.Conv``
+  takes as its ``conv_general_dilated`` attribute, so modules, param names and LoRA interception are
+  unchanged. On CPU it computes
+  - depthwise convolutions (ConvNeXt's 7x7) as a sum of shifted multiply-adds: Eigen has no depthwise
+    kernel and was ~14x slower;
+  - stride-1 3x3 float32 convolutions over at least ``WINOGRAD_MIN_PIXELS`` output pixels with
+    Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray 2016): 16 batched matmuls instead of 36
+    multiply-adds per output 2x2 tile, ~1.5x faster than Eigen's direct convolution here. The
+    transforms only add and halve, so fp32 rounding stays at the level of the direct sum (measured
+    max error vs PyTorch equal to the direct convolution's).
+* :func:`dot_product_attention` keeps cuDNN on GPU and otherwise runs heads-major batched matmuls
+  over query chunks (``lax.map``), so each chunk's float32 scores stay cache-sized and XLA never
+  rearranges a score-sized tensor; the softmax is exact (max-subtracted, float32).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+# Below this many output pixels (batch x H x W) the per-call kernel transform and the small matmuls
+# make Winograd slower than the direct convolution (measured: break-even near 32x32, batch 1).
+WINOGRAD_MIN_PIXELS = 4096
+# Query chunk size for CPU attention: about this many float32 scores per chunk (16 MiB).
+ATTENTION_CHUNK_SCORES = 1 << 22
+
+# F(2x2, 3x3) transforms: kernel G, input B^T and output A^T (Lavin & Gray 2016, Eq. 7-8).
+_WINOGRAD_G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float32)
+
+
+def on_cpu() -> bool:
+  """True when the default backend (the one `jax.jit` compiles for) is the CPU."""
+  return jax.default_backend() == 'cpu'
+
+
+def _is_nhwc_hwio(dimension_numbers: Any, ndim: int) -> bool:
+  if ndim != 4:
+    return False
+  if dimension_numbers is None:  # lax's default is NCHW/OIHW
+    return False
+  if isinstance(dimension_numbers, lax.ConvDimensionNumbers):
+    return (tuple(dimension_numbers.lhs_spec) == (0, 3, 1, 2)
+            and tuple(dimension_numbers.rhs_spec) == (3, 2, 0, 1)
+            and tuple(dimension_numbers.out_spec) == (0, 3, 1, 2))
+  return tuple(dimension_numbers) == ('NHWC', 'HWIO', 'NHWC')
+
+
+def _trivial(seq: Sequence[int] | None) -> bool:
+  return seq is None or all(s == 1 for s in seq)
+
+
+def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
+                         padding: str | Sequence[tuple[int, int]],
+                         lhs_dilation: Sequence[int] | None = None,
+                         rhs_dilation: Sequence[int] | None = None, dimension_numbers: Any = None,
+                         feature_group_count: int = 1, batch_group_count: int = 1,
+                         precision: Any = None, preferred_element_type: Any = None) -> jax.Array:
+  """``lax.conv_general_dilated`` with CPU fast paths for NHWC/HWIO depthwise and 3x3 convs."""
+  simple = (on_cpu() and _is_nhwc_hwio(dimension_numbers, lhs.ndim) and not isinstance(padding, str)
+            and _trivial(window_strides) and _trivial(lhs_dilation) and _trivial(rhs_dilation)
+            and batch_group_count == 1 and preferred_element_type is None)
+  if simple:
+    padding = tuple(tuple(p) for p in padding)
+    channels = lhs.shape[-1]
+    if feature_group_count == channels > 1 and rhs.shape[2:] == (1, channels):
+      return depthwise_conv(lhs, rhs, padding)
+    out_pixels = lhs.shape[0] * (lhs.shape[1] + sum(padding[0]) - 2) * (
+        lhs.shape[2] + sum(padding[1]) - 2)
+    if (feature_group_count == 1 and rhs.shape[:2] == (3, 3) and lhs.dtype == jnp.float32
+        and rhs.dtype == jnp.float32 and out_pixels >= WINOGRAD_MIN_PIXELS):
+      return winograd_conv3x3(lhs, rhs, padding, precision)
+  return lax.conv_general_dilated(
+      lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+      dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+      batch_group_count=batch_group_count, precision=precision,
+      preferred_element_type=preferred_element_type)
+
+
+def depthwise_conv(x: jax.Array, kernel: jax.Array,
+                   padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+  """Stride-1 depthwise convolution, NHWC input and (kh, kw, 1, C) kernel, as shifted
+  multiply-adds (one XLA fusion), accumulated in float32 at least."""
+  kh, kw = kernel.shape[:2]
+  acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
+  xp = jnp.pad(x.astype(acc_dtype), ((0, 0), padding[0], padding[1], (0, 0)))
+  h, w = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
+  k = kernel.astype(acc_dtype)
+  out = None
+  for i in range(kh):
+    for j in range(kw):
+      term = xp[:, i:i + h, j:j + w, :] * k[i, j, 0]
+      out = term if out is None else out + term
+  return out.astype(jnp.result_type(x.dtype, kernel.dtype))
+
+
+def _bt(d: list) -> list:
+  """B^T d along one tile axis (4 input rows -> 4 transformed rows)."""
+  return [d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3]]
+
+
+def _at(m: list) -> list:
+  """A^T m along one tile axis (4 transformed rows -> 2 output rows)."""
+  return [m[0] + m[1] + m[2], m[1] - m[2] - m[3]]
+
+
+def winograd_conv3x3(x: jax.Array, kernel: jax.Array,
+                     padding: tuple[tuple[int, int], tuple[int, int]],
+                     precision: Any = None) -> jax.Array:
+  """Stride-1 3x3 convolution (NHWC, HWIO kernel) by Winograd F(2x2, 3x3).
+
+  Output tile (a, b) covers rows/cols 2a..2a+1 / 2b..2b+1 and reads a 4x4 input patch:
+  ``Y = A^T [(G g G^T) * (B^T d B)] A``, the elementwise product being 16 matmuls over channels.
+  """
+  b, _, _, cin = x.shape
+  cout = kernel.shape[-1]
+  xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  out_h, out_w = xp.shape[1] - 2, xp.shape[2] - 2
+  th, tw = (out_h + 1) // 2, (out_w + 1) // 2  # tiles; odd sizes get one padded row/col, cropped
+  xp = jnp.pad(xp, ((0, 0), (0, 2 * th + 2 - xp.shape[1]), (0, 2 * tw + 2 - xp.shape[2]), (0, 0)))
+  g = jnp.asarray(_WINOGRAD_G)
+  u = jnp.einsum('ai,ijcd,bj->abcd', g, kernel, g, precision=lax.Precision.HIGHEST)
+  d = [[xp[:, i:i + 2 * th:2, j:j + 2 * tw:2, :] for j in range(4)] for i in range(4)]
+  cols = [_bt([d[i][j] for i in range(4)]) for j in range(4)]  # cols[j][r]: rows transformed
+  v = [_bt([cols[j][r] for j in range(4)]) for r in range(4)]   # v[r][s]: both transformed
+  v = jnp.stack([v[r][s] for r in range(4) for s in range(4)]).reshape(16, b * th * tw, cin)
+  m = jnp.matmul(v, u.reshape(16, cin, cout), precision=precision)
+  m = m.reshape(4, 4, b, th, tw, cout)
+  rows = _at([m[r] for r in range(4)])                     # 2 x (4, b, th, tw, cout)
+  y = [_at([rows[p][s] for s in range(4)]) for p in range(2)]  # y[p][q]: output (2a+p, 2b+q)
+  y = jnp.stack([jnp.stack(y[p], axis=3) for p in range(2)], axis=2)  # (b, th, 2, tw, 2, cout)
+  return y.reshape(b, 2 * th, 2 * tw, cout)[:, :out_h, :out_w]
+
+
+def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                          implementation: str | None = None) -> jax.Array:
+  """``jax.nn.dot_product_attention`` (B, L, heads, D) layout, scale ``D ** -0.5``, no mask.
+
+  ``implementation`` ('cudnn' or None) is honoured off the CPU; on the CPU the chunked
+  heads-major path runs instead (see the module docstring).
+  """
+  if not on_cpu():
+    return jax.nn.dot_product_attention(query, key, value, implementation=implementation)
+  return chunked_attention(query, key, value)
+
+
+def chunked_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                      chunk_scores: int = ATTENTION_CHUNK_SCORES) -> jax.Array:
+  """Exact softmax attention, heads-major, over query chunks of about ``chunk_scores`` scores."""
+  b, lq, heads, d = query.shape
+  lk, dv = key.shape[1], value.shape[-1]
+  bh = b * heads
+  scale = jnp.asarray(d ** -0.5, query.dtype)
+  q = (query * scale).transpose(0, 2, 1, 3).reshape(bh, lq, d)
+  k = key.transpose(0, 2, 1, 3).reshape(bh, lk, d)
+  v = value.transpose(0, 2, 1, 3).reshape(bh, lk, dv)
+
+  def attend(q_chunk: jax.Array) -> jax.Array:
+    scores = jnp.einsum('bqd,bkd->bqk', q_chunk, k, preferred_element_type=jnp.float32)
+    weights = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
+    out = jnp.einsum('bqk,bkd->bqd', weights.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)
+    return (out / weights.sum(axis=-1, keepdims=True)).astype(query.dtype)
+
+  chunk = max(1, chunk_scores // (bh * lk))
+  chunk = 1 << (chunk.bit_length() - 1)  # a power of two
+  if chunk >= lq:
+    out = attend(q)
+  else:
+    n = -(-lq // chunk)
+    q = jnp.pad(q, ((0, 0), (0, n * chunk - lq), (0, 0)))
+    q = q.reshape(bh, n, chunk, d).transpose(1, 0, 2, 3)
+    out = lax.map(attend, q).transpose(1, 0, 2, 3).reshape(bh, n * chunk, dv)[:, :lq]
+  return out.reshape(b, heads, lq, dv).transpose(0, 2, 1, 3)
