@@ -90,6 +90,11 @@ def get_config(arg: str = '512') -> ml_collections.ConfigDict:
   # Devices: 'data' x 'fsdp' (-1 = the rest). fsdp > 1 also splits large frozen weights over 'fsdp'.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
 
+  # Inference (eval.py; method-facts §1.7): latent tile = process_size / VAE factor (64), overlap 32.
+  c.eval = ml_collections.ConfigDict(dict(
+      process_size=512, upscale=4, latent_overlap=32, vae_tile=128, batch=8, color_fix='adain',
+      seed=0))
+
   if arg == 'tiny':
     c.model.source = 'random'
     c.model.unet_config = TINY_UNET
@@ -113,6 +118,8 @@ def get_config(arg: str = '512') -> ml_collections.ConfigDict:
     c.log_every = 10
     c.sample_every = 20
     c.checkpoint_every = 20
+    # 64 px training crops and a x4 VAE: latent tiles of 16 (overlap 8), VAE tiles above 32.
+    c.eval.update(process_size=64, latent_overlap=8, vae_tile=32)
   elif arg != '512':
     raise ValueError(f'unknown OMGSR config variant {arg!r}; choose "512" or "tiny"')
   return c

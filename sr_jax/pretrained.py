@@ -306,16 +306,20 @@ def load_dinov3(path: str | os.PathLike, dtype: Any = jnp.float32, param_dtype: 
 
 # ------------------------------------------------------------------------------------ writing
 
-def save_converted(out: str | os.PathLike, kind: str, config_path: str, params: Any, *,
-                   source: str, dtype: str = 'float32') -> str:
-  """Writes ``params`` (a Flax tree) as a converted folder: config.json, params.safetensors, marker."""
+def save_converted(out: str | os.PathLike, kind: str, config: str | Mapping[str, Any], params: Any,
+                   *, source: str, dtype: str = 'float32') -> str:
+  """Writes ``params`` (a Flax tree) as a converted folder: config.json (copied from the path
+  ``config`` or dumped from the mapping ``config``), params.safetensors and the marker."""
   out = os.fspath(out)
   os.makedirs(out, exist_ok=True)
   storage = STORAGE_DTYPES[dtype]
   flat = {'/'.join(path): np.ascontiguousarray(np.asarray(value).astype(storage))
           for path, value in traverse_util.flatten_dict(params).items()}
   _save_safetensors(flat, os.path.join(out, PARAMS_FILE))
-  shutil.copyfile(config_path, os.path.join(out, CONFIG_FILE))
+  if isinstance(config, Mapping):
+    _write_json(os.path.join(out, CONFIG_FILE), dict(config))
+  else:
+    shutil.copyfile(config, os.path.join(out, CONFIG_FILE))
   _write_json(os.path.join(out, MARKER_FILE), {
       'format': FORMAT_NAME, 'format_version': FORMAT_VERSION, 'kind': kind,
       'model_class': KINDS[kind].model_class.__name__, 'source': source, 'dtype': dtype,

@@ -7,8 +7,6 @@ serves later runs.
 """
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -22,11 +20,9 @@ from skimage import transform
 from configs import omgsr as omgsr_config
 from sr_jax import pretrained, trainer
 from sr_jax.methods import omgsr
+from tiny_runs import apply_overrides
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERFIT_STEPS = 24
-TRAINER_OVERRIDES = ('--config.max_steps=2', '--config.batch_size=8', '--config.log_every=1',
-                     '--config.sample_every=2', '--config.checkpoint_every=1')
 
 
 def _four_photo_batch() -> dict:
@@ -100,14 +96,6 @@ def test_generator_loss_gives_discriminator_heads_no_gradient(tiny):
   assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
 
 
-def _run_train_py(workdir: str, devices: int) -> subprocess.CompletedProcess:
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-             PYTHONPATH=REPO)
-  cmd = [sys.executable, os.path.join(REPO, 'train.py'), '--config=configs/omgsr.py:tiny',
-         f'--workdir={workdir}', *TRAINER_OVERRIDES]
-  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
-
-
 def _metric_rows(workdir: str) -> list[dict]:
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     return [json.loads(line) for line in f]
@@ -120,14 +108,8 @@ def _exported_lora(workdir: str) -> dict:
 
 
 @pytest.fixture(scope='module')
-def train_py_runs(tmp_path_factory):
-  runs = {}
-  for devices in (1, 8):
-    workdir = str(tmp_path_factory.mktemp(f'train_py_{devices}dev'))
-    result = _run_train_py(workdir, devices)
-    assert result.returncode == 0, result.stderr[-4000:]
-    runs[devices] = workdir
-  return runs
+def train_py_runs(tiny_train_runs):
+  return tiny_train_runs
 
 
 def test_train_py_tiny_run_leaves_checkpoint_samples_logs_and_export(train_py_runs):
@@ -145,23 +127,28 @@ def test_train_py_tiny_run_leaves_checkpoint_samples_logs_and_export(train_py_ru
 
 
 def test_eight_devices_match_one_device(train_py_runs):
+  """Same losses and params on 8 fake devices as on 1 (Adam eps = 1 in these runs: tiny_runs.py)."""
   rows1, rows8 = _metric_rows(train_py_runs[1]), _metric_rows(train_py_runs[8])
+  assert [r['step'] for r in rows1] == [r['step'] for r in rows8]
   for r1, r8 in zip(rows1, rows8):
-    for key in ('g_loss', 'd_loss', 'g_lrr', 'g_dv3cd'):
+    for key in ('g_loss', 'd_loss', 'g_lrr', 'g_dv3cd', 'g_gan', 'g_l1'):
       if key in r1:
-        np.testing.assert_allclose(r8[key], r1[key], rtol=2e-4, atol=1e-6, err_msg=key)
+        np.testing.assert_allclose(r8[key], r1[key], rtol=1e-5, err_msg=key)
+    for key in ('g_grad_norm', 'd_grad_norm'):  # GroupNorm backward amplifies rounding to ~2e-4
+      if key in r1:
+        np.testing.assert_allclose(r8[key], r1[key], rtol=1e-3, err_msg=key)
   lora1, lora8 = _exported_lora(train_py_runs[1]), _exported_lora(train_py_runs[8])
   for name in lora1:
+    moved = max(float(np.abs(v).max()) for k, v in lora1[name].items() if 'lora_B' in k)
+    assert moved > 1e-5, f'{name}: the LoRA B (zero at init) did not move; nothing is compared'
     for key, value in lora1[name].items():
-      np.testing.assert_allclose(lora8[name][key], value, rtol=1e-3, atol=1e-6, err_msg=key)
+      # Updates are 1e-4..1e-3; rounding moved them by <= 2.5e-6 (measured), a sharding error by all.
+      np.testing.assert_allclose(lora8[name][key], value, rtol=0, atol=1e-5, err_msg=key)
 
 
 def test_interrupted_run_resumes_to_the_same_params(train_py_runs, tmp_path):
   workdir = str(tmp_path / 'resumed')
-  config = omgsr_config.get_config('tiny')
-  for key_value in TRAINER_OVERRIDES:
-    key, value = key_value.removeprefix('--config.').split('=')
-    config[key] = int(value)
+  config = apply_overrides(omgsr_config.get_config('tiny'))
   config.max_steps = 1
   trainer.train_and_evaluate(config, workdir)
   config.max_steps = 2

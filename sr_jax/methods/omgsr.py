@@ -376,14 +376,18 @@ def sample_images(models: OmgsrModels, state: TrainState, frozen: Mapping[str, A
   return {'lq': batch['lq'], 'sr': sr, 'hq': batch['hq']}
 
 
+def merged_inference_params(models: OmgsrModels, generator: Any, frozen: Mapping[str, Any]) -> dict:
+  """{unet, vae (encoder + decoder), prompt_embeds} with the LoRA folded in: the inference weights
+  (the reference's ``merge_and_unload``)."""
+  encoder = lora.merge(frozen['vae_encoder'], generator['vae_encoder'], models.vae_lora)
+  return {'unet': lora.merge(frozen['unet'], generator['unet'], models.unet_lora),
+          'vae': {**encoder, **frozen['vae_decoder']}, 'prompt_embeds': frozen['prompt_embeds']}
+
+
 def _write_converted(out: str, kind: str, model_config: Mapping[str, Any], params: Any,
                      source: str) -> None:
   from sr_jax import pretrained  # pylint: disable=g-import-not-at-top
-  os.makedirs(out, exist_ok=True)
-  config_path = os.path.join(out, pretrained.CONFIG_FILE)
-  with open(config_path, 'w') as f:
-    json.dump(dict(model_config), f, indent=2)
-  pretrained.save_converted(out, kind, config_path, params, source=source)
+  pretrained.save_converted(out, kind, model_config, params, source=source)
 
 
 def export_inference_bundle(models: OmgsrModels, cfgs: Mapping[str, Any], prompt: str,
@@ -401,11 +405,9 @@ def export_inference_bundle(models: OmgsrModels, cfgs: Mapping[str, Any], prompt
   lora.save_peft_adapter(os.path.join(directory, 'vae_encoder_lora_adapter'),
                          generator['vae_encoder'], models.vae_lora)
   bundle = os.path.join(directory, 'inference')
-  unet = lora.merge(frozen['unet'], generator['unet'], models.unet_lora)
-  encoder = lora.merge(frozen['vae_encoder'], generator['vae_encoder'], models.vae_lora)
-  _write_converted(os.path.join(bundle, 'unet'), 'unet', cfgs['unet'], unet, 'omgsr export')
-  _write_converted(os.path.join(bundle, 'vae'), 'vae', cfgs['vae'],
-                   {**encoder, **frozen['vae_decoder']}, 'omgsr export')
+  merged = merged_inference_params(models, generator, frozen)
+  _write_converted(os.path.join(bundle, 'unet'), 'unet', cfgs['unet'], merged['unet'], 'omgsr export')
+  _write_converted(os.path.join(bundle, 'vae'), 'vae', cfgs['vae'], merged['vae'], 'omgsr export')
   with open(os.path.join(bundle, pretrained.SCHEDULER_CONFIG_FILE), 'w') as f:
     json.dump(dict(cfgs['scheduler']), f, indent=2)
   pretrained.save_prompt_embeds(bundle, [prompt], [frozen['prompt_embeds']], source='omgsr export')

@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sr_jax.models.layers import Conv
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -48,7 +50,7 @@ class DINOv3ConvNextLayer(nn.Module):
 
   def setup(self):
     c = self.channels
-    self.depthwise_conv = nn.Conv(c, (7, 7), padding=3, feature_group_count=c, dtype=self.dtype,
+    self.depthwise_conv = Conv(c, (7, 7), padding=3, feature_group_count=c, dtype=self.dtype,
                                   param_dtype=self.param_dtype, kernel_init=_kernel_init)
     # LayerNorm runs in fp32 even under bf16 compute; its output is cast back to `dtype`.
     self.layer_norm = nn.LayerNorm(self.layer_norm_eps, dtype=jnp.float32,
@@ -84,7 +86,7 @@ class DINOv3ConvNextStage(nn.Module):
   def setup(self):
     norm = nn.LayerNorm(self.layer_norm_eps, dtype=jnp.float32, param_dtype=self.param_dtype)
     patch = 4 if self.stage_index == 0 else 2
-    conv = nn.Conv(self.out_channels, (patch, patch), strides=patch, padding='VALID',
+    conv = Conv(self.out_channels, (patch, patch), strides=patch, padding='VALID',
                    dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_kernel_init)
     # The order of this list is the torch `downsample_layers` index (0, 1).
     self.downsample_layers = [conv, norm] if self.stage_index == 0 else [norm, conv]

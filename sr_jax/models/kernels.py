@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-# Below this many output pixels (batch x H x W) the per-call kernel transform and the small matmuls
+# Below this many output pixels per image (H x W) the per-call kernel transform and the small matmuls
 # make Winograd slower than the direct convolution (measured: break-even near 32x32, batch 1).
 WINOGRAD_MIN_PIXELS = 4096
 # Query chunk size for CPU attention: about this many float32 scores per chunk (16 MiB).
@@ -75,8 +75,9 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
     channels = lhs.shape[-1]
     if feature_group_count == channels > 1 and rhs.shape[2:] == (1, channels):
       return depthwise_conv(lhs, rhs, padding)
-    out_pixels = lhs.shape[0] * (lhs.shape[1] + sum(padding[0]) - 2) * (
-        lhs.shape[2] + sum(padding[1]) - 2)
+    # Per image, not per batch: the algorithm (and so the rounding) of one example must not depend on
+    # how a batch is split over devices, or 1 and 8 devices would train differently.
+    out_pixels = (lhs.shape[1] + sum(padding[0]) - 2) * (lhs.shape[2] + sum(padding[1]) - 2)
     if (feature_group_count == 1 and rhs.shape[:2] == (3, 3) and lhs.dtype == jnp.float32
         and rhs.dtype == jnp.float32 and out_pixels >= WINOGRAD_MIN_PIXELS):
       return winograd_conv3x3(lhs, rhs, padding, precision)
@@ -155,8 +156,9 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
 
 
 def chunked_attention(query: jax.Array, key: jax.Array, value: jax.Array,
-                      chunk_scores: int = ATTENTION_CHUNK_SCORES) -> jax.Array:
-  """Exact softmax attention, heads-major, over query chunks of about ``chunk_scores`` scores."""
+                      chunk_scores: int | None = None) -> jax.Array:
+  """Exact softmax attention, heads-major, over query chunks of about ``chunk_scores`` scores
+  (default `ATTENTION_CHUNK_SCORES`)."""
   b, lq, heads, d = query.shape
   lk, dv = key.shape[1], value.shape[-1]
   bh = b * heads
@@ -172,7 +174,7 @@ def chunked_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                      preferred_element_type=jnp.float32)
     return (out / weights.sum(axis=-1, keepdims=True)).astype(query.dtype)
 
-  chunk = max(1, chunk_scores // (bh * lk))
+  chunk = max(1, (chunk_scores or ATTENTION_CHUNK_SCORES) // (bh * lk))
   chunk = 1 << (chunk.bit_length() - 1)  # a power of two
   if chunk >= lq:
     out = attend(q)

@@ -21,7 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from sr_jax.models import kernels
+
 Dtype = Any
+
+# nn.Conv with the CPU fast paths of `kernels.conv_general_dilated` (depthwise, Winograd 3x3); still an
+# nn.Conv, so param names and LoRA interception are unchanged, and off the CPU it is plain lax.
+Conv = functools.partial(nn.Conv, conv_general_dilated=kernels.conv_general_dilated)
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     'silu': nn.silu,
@@ -113,7 +119,7 @@ class ResnetBlock2D(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
-    conv = functools.partial(nn.Conv, self.out_channels, (3, 3), padding=((1, 1), (1, 1)),
+    conv = functools.partial(Conv, self.out_channels, (3, 3), padding=((1, 1), (1, 1)),
                              dtype=self.dtype, param_dtype=self.param_dtype)
     act = get_activation(self.act_fn)
     h = act(_group_norm(self.groups, self.eps, self.dtype, self.param_dtype, 'norm1')(x))
@@ -126,7 +132,7 @@ class ResnetBlock2D(nn.Module):
     h = act(_group_norm(groups_out, self.eps, self.dtype, self.param_dtype, 'norm2')(h))
     h = conv(name='conv2')(h)
     if x.shape[-1] != self.out_channels:
-      x = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype, param_dtype=self.param_dtype,
+      x = Conv(self.out_channels, (1, 1), dtype=self.dtype, param_dtype=self.param_dtype,
                   name='conv_shortcut')(x)
     out = x.astype(h.dtype) + h
     if self.output_scale_factor != 1.0:
@@ -148,7 +154,7 @@ class Downsample2D(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     pad = ((0, 1), (0, 1)) if self.padding == 0 else ((self.padding,) * 2,) * 2
-    return nn.Conv(self.out_channels, (3, 3), strides=(2, 2), padding=pad, dtype=self.dtype,
+    return Conv(self.out_channels, (3, 3), strides=(2, 2), padding=pad, dtype=self.dtype,
                    param_dtype=self.param_dtype, name='conv')(x)
 
 
@@ -179,7 +185,7 @@ class Upsample2D(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, output_size: tuple[int, int] | None = None) -> jax.Array:
     x = upsample_nearest(x, output_size)
-    return nn.Conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
+    return Conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
                    param_dtype=self.param_dtype, name='conv')(x)
 
 
@@ -217,7 +223,7 @@ class Attention(nn.Module):
     k = dense(inner, use_bias=self.qkv_bias, name='to_k')(context)
     v = dense(inner, use_bias=self.qkv_bias, name='to_v')(context)
     split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, self.dim_head)
-    out = jax.nn.dot_product_attention(
+    out = kernels.dot_product_attention(
         split(q), split(k), split(v),
         implementation=attention_implementation(q.dtype, self.dim_head))
     out = out.reshape(out.shape[0], out.shape[1], inner)
@@ -298,7 +304,7 @@ class Transformer2DModel(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, name=name)
     if self.use_linear_projection:
       return nn.Dense(features, **kw)
-    return nn.Conv(features, (1, 1), **kw)
+    return Conv(features, (1, 1), **kw)
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:

@@ -25,8 +25,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from sr_jax.models.layers import (Downsample2D, ResnetBlock2D, TimestepEmbedding, Transformer2DModel,
-                                  Upsample2D, conv_padding, get_activation, timestep_embedding)
+from sr_jax.models.layers import (Conv, Downsample2D, ResnetBlock2D, TimestepEmbedding,
+                                  Transformer2DModel, Upsample2D, conv_padding, get_activation,
+                                  timestep_embedding)
 
 Dtype = Any
 _log = logging.getLogger(__name__)
@@ -335,7 +336,7 @@ class UNet2DConditionModel(nn.Module):
       x = 2 * x - 1.0
     temb = self._time_embedding(timesteps, x.shape[0])
     context = encoder_hidden_states.astype(self.dtype)
-    conv = functools.partial(nn.Conv, dtype=self.dtype, param_dtype=self.param_dtype)
+    conv = functools.partial(Conv, dtype=self.dtype, param_dtype=self.param_dtype)
     x = conv(self.block_out_channels[0], (self.conv_in_kernel,) * 2,
              padding=conv_padding(self.conv_in_kernel), name='conv_in')(x)
 

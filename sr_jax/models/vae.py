@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from sr_jax.models.layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D, get_activation
+from sr_jax.models.layers import (Attention, Conv, Downsample2D, ResnetBlock2D, Upsample2D,
+                                  get_activation)
 
 Dtype = Any
 _log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ class _VAEModule(nn.Module):
 
   def _conv(self, features: int, name: str | None, kernel: int = 3) -> nn.Conv:
     pad = (kernel - 1) // 2
-    return nn.Conv(features, (kernel, kernel), padding=((pad, pad), (pad, pad)), dtype=self.dtype,
+    return Conv(features, (kernel, kernel), padding=((pad, pad), (pad, pad)), dtype=self.dtype,
                    param_dtype=self.param_dtype, name=name)
 
   def _norm_act(self, x: jax.Array, name: str) -> jax.Array:
