@@ -8,8 +8,8 @@ JAX: ``sr_jax.inference.one_step.one_step_sr`` jitted (compile excluded); PyTorc
 full-size weights (converted with ``sr_jax.weights``), inputs and posterior noise; outputs are checked
 against each other before timing. Calls alternate between the frameworks.
 
-  python benchmarks/inference.py                         # CPU: batch 1 latency and batch 8 img/s
-  python benchmarks/inference.py --batches 1 --repeats 2
+  python benchmarks/inference.py --batches 1                          # CPU: batch 1 latency
+  python benchmarks/inference.py --batches 8 --repeats 1 --micro-batch 2   # CPU (24 GiB): batch 8
   python benchmarks/inference.py --device gpu --dtype bfloat16 --batches 1,8 --no-torch
 
 GPU: ms/img and MFU from 4.40 TFLOP per image (performance-and-style.md).
@@ -39,6 +39,9 @@ def parse_args(argv=None):
   p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32')
   p.add_argument('--threads', type=int, default=os.cpu_count(), help='torch intra-op threads')
   p.add_argument('--no-torch', action='store_true', help='JAX only (e.g. on a GPU)')
+  p.add_argument('--micro-batch', type=int, default=0,
+                 help='JAX runs batches this many images at a time (lax.map; 0 = whole batch); on a '
+                      '24 GiB CPU machine batch 8 at 512² needs 2')
   p.add_argument('--peak-tflops', type=float, default=None, help='device peak for MFU')
   p.add_argument('--out', default=os.path.join(REPO, 'benchmarks', 'out', 'inference.json'))
   args = p.parse_args(argv)
@@ -77,7 +80,7 @@ def build(args):
            num_train_timesteps=1000))[T_STAR])
   sf = vae_cfg.get('scaling_factor', 0.18215)
   model = one_step.OneStepModel(unet, vae, params, T_STAR, alpha_bar, sf)
-  jax_fn = jax.jit(lambda p, x, n: one_step.one_step_sr(model, p, x, n))
+  jax_fn = jax.jit(lambda p, x, n: one_step.one_step_sr(model, p, x, n, args.micro_batch or None))
   tdtype = getattr(torch, args.dtype) if args.device == 'cpu' else torch.float32
   ref_unet, ref_vae = ref_unet.to(tdtype), ref_vae.to(tdtype)
   tprompt = torch.from_numpy(prompt).to(tdtype)
@@ -112,9 +115,12 @@ def run_batch(args, jax_fn, params, torch_fn, batch):
   start = time.perf_counter()
   compiled = jax_fn.lower(params, images, noise).compile()
   compile_s = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+  temp_gib = getattr(memory, 'temp_size_in_bytes', 0) / 2**30 if memory is not None else float('nan')
+  print(f'batch {batch}: compiled in {compile_s:.0f} s, XLA temp memory {temp_gib:.2f} GiB', flush=True)
   run_jax = lambda: np.asarray(jax.block_until_ready(compiled(params, images, noise)))
   first_jax, jax_out = _timed(run_jax)
-  res = dict(batch=batch, size=size, compile_s=compile_s, first_jax_s=first_jax)
+  res = dict(batch=batch, size=size, compile_s=compile_s, xla_temp_gib=temp_gib, first_jax_s=first_jax)
   jax_s, torch_s = [], []
   if not args.no_torch:
     first_torch, torch_out = _timed(lambda: torch_fn(images, noise))

@@ -219,10 +219,17 @@ class SuperResolver:
 
 
 def one_step_sr(model: OneStepModel, params: Mapping[str, Any], images: jax.Array,
-                noise: jax.Array) -> jax.Array:
+                noise: jax.Array, micro_batch: int | None = None) -> jax.Array:
   """The untiled one-step computation on a batch (jit it): (B, H, W, 3) upscaled LQ in [-1, 1] and
   posterior noise (B, H/f, W/f, C) ~ N(0, 1) -> SR (B, H, W, 3) in [-1, 1]. Equal to
-  :class:`SuperResolver` on images whose latent fits one tile (benchmarks/inference.py times it)."""
+  :class:`SuperResolver` on images whose latent fits one tile (benchmarks/inference.py times it).
+
+  ``micro_batch``: run the batch ``micro_batch`` images at a time (``lax.map``), so that activation
+  memory is that of a micro-batch (a batch of 8 at 512² in fp32 needs 27 GiB of XLA temp otherwise).
+  """
+  if micro_batch and micro_batch < images.shape[0]:
+    return jax.lax.map(lambda xs: one_step_sr(model, params, xs[0][None], xs[1][None])[0],
+                       (images, noise), batch_size=micro_batch)
   vae, unet = model.vae, model.unet
   mean, logvar = vae.apply({'params': params['vae']}, images.astype(vae.dtype), method='encode')
   z = (mean.astype(jnp.float32) + jnp.exp(0.5 * logvar.astype(jnp.float32)) * noise)

@@ -122,7 +122,17 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array,
 
   Output tile (a, b) covers rows/cols 2a..2a+1 / 2b..2b+1 and reads a 4x4 input patch:
   ``Y = A^T [(G g G^T) * (B^T d B)] A``, the elementwise product being 16 matmuls over channels.
+  The transformed input is 4x the input, so a batch runs image by image (``lax.map``): memory stays
+  that of one image (a batch of 8 at 512² would otherwise need ~4 GiB per VAE conv).
   """
+  if x.shape[0] > 1:
+    return lax.map(lambda image: _winograd_batch(image[None], kernel, padding, precision)[0], x)
+  return _winograd_batch(x, kernel, padding, precision)
+
+
+def _winograd_batch(x: jax.Array, kernel: jax.Array,
+                    padding: tuple[tuple[int, int], tuple[int, int]],
+                    precision: Any = None) -> jax.Array:
   b, _, _, cin = x.shape
   cout = kernel.shape[-1]
   xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
