@@ -16,6 +16,7 @@ count or the batching.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import zlib
@@ -159,17 +160,9 @@ class SuperResolver:
         model.vae.apply({'params': p}, x.astype(model.vae.dtype), method='encode'), axis=-1))
     self._decode = jit(lambda p, z: model.vae.apply(
         {'params': p}, z.astype(model.vae.dtype), method='decode'))
-    self._eps = jit(self._unet_eps)
+    self._eps = jit(functools.partial(unet_epsilon, model))
     self.tiled_vae = TiledVAE(model.vae, tile=settings.vae_tile or 1, batch=settings.batch,
                               sharding=batched)
-
-  def _unet_eps(self, params, latents):
-    batch = latents.shape[0]
-    context = jnp.broadcast_to(params['prompt_embeds'], (batch,) + params['prompt_embeds'].shape[1:])
-    timesteps = jnp.full((batch,), self.model.t_star, jnp.int32)
-    eps = self.model.unet.apply({'params': params['unet']}, latents.astype(self.model.unet.dtype),
-                                timesteps, context.astype(self.model.unet.dtype))
-    return eps.astype(jnp.float32)
 
   def _one(self, fn: Callable, params: Any, item: np.ndarray) -> np.ndarray:
     """``fn`` on one item, repeated to the device count so the batch shards evenly."""
@@ -230,18 +223,24 @@ def one_step_sr(model: OneStepModel, params: Mapping[str, Any], images: jax.Arra
   if micro_batch and micro_batch < images.shape[0]:
     return jax.lax.map(lambda xs: one_step_sr(model, params, xs[0][None], xs[1][None])[0],
                        (images, noise), batch_size=micro_batch)
-  vae, unet = model.vae, model.unet
+  vae = model.vae
   mean, logvar = vae.apply({'params': params['vae']}, images.astype(vae.dtype), method='encode')
   z = (mean.astype(jnp.float32) + jnp.exp(0.5 * logvar.astype(jnp.float32)) * noise)
   z = z * model.scaling_factor
-  batch = images.shape[0]
-  context = jnp.broadcast_to(params['prompt_embeds'], (batch,) + params['prompt_embeds'].shape[1:])
-  eps = unet.apply({'params': params['unet']}, z.astype(unet.dtype),
-                   jnp.full((batch,), model.t_star, jnp.int32), context.astype(unet.dtype))
-  z_pred = schedules.ddpm_x0_from_epsilon(z, eps.astype(jnp.float32), model.alpha_bar)
+  z_pred = schedules.ddpm_x0_from_epsilon(z, unet_epsilon(model, params, z), model.alpha_bar)
   sr = vae.apply({'params': params['vae']}, (z_pred / model.scaling_factor).astype(vae.dtype),
                  method='decode')
   return jnp.clip(sr.astype(jnp.float32), -1.0, 1.0)
+
+
+def unet_epsilon(model: OneStepModel, params: Mapping[str, Any], latents: jax.Array) -> jax.Array:
+  """The UNet's eps at t* with the stored prompt embedding, for a batch of (scaled) latents."""
+  batch = latents.shape[0]
+  context = jnp.broadcast_to(params['prompt_embeds'], (batch,) + params['prompt_embeds'].shape[1:])
+  timesteps = jnp.full((batch,), model.t_star, jnp.int32)
+  eps = model.unet.apply({'params': params['unet']}, latents.astype(model.unet.dtype), timesteps,
+                         context.astype(model.unet.dtype))
+  return eps.astype(jnp.float32)
 
 
 def to_uint8(image01: np.ndarray) -> np.ndarray:
