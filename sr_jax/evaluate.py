@@ -20,10 +20,8 @@ import numpy as np
 from PIL import Image
 
 from sr_jax import metrics as metrics_lib
-from sr_jax.data.sources import BadImageError, decode_image
+from sr_jax.data.sources import IMAGE_EXTENSIONS, BadImageError, load_rgb
 from sr_jax.inference import color_fix, one_step
-
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
 
 
 @dataclasses.dataclass
@@ -45,14 +43,9 @@ def list_images(folder: str) -> list[str]:
 
 
 def read_rgb(path: str) -> Image.Image:
-  """Any readable image (grayscale, RGBA, 16-bit, palette, EXIF-rotated) as 8-bit RGB; raises
-  ``BadImageError`` with the reason otherwise."""
-  try:
-    with open(path, 'rb') as f:
-      data = f.read()
-  except OSError as e:
-    raise BadImageError(f'cannot read ({e.strerror or e})') from e
-  return decode_image(data)
+  """Any readable image (grayscale, RGBA, 16-bit, palette, EXIF-rotated) as 8-bit RGB, through the
+  training loader (``sources.load_rgb``); raises ``BadImageError`` with the reason otherwise."""
+  return Image.fromarray(load_rgb(path))
 
 
 def find_gt(gt_dir: str, stem: str) -> str | None:
