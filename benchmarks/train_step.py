@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'
 from configs import omgsr as omgsr_config  # noqa: E402
 from sr_jax import trainer  # noqa: E402
 from sr_jax.methods import omgsr  # noqa: E402
+from sr_jax.models import kernels  # noqa: E402
 from tiny_diffusers import SD21_BASE_UNET_CONFIG, SD21_BASE_VAE_CONFIG  # noqa: E402
 
 DINOV3_LARGE = dict(hidden_sizes=[192, 384, 768, 1536], depths=[3, 3, 27, 3],
@@ -61,7 +62,8 @@ def compile_step(config):
   batch = {k: jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.float32)
            for k in ('hq', 'lq')}
   start = time.perf_counter()
-  compiled = jax.jit(step_fn, donate_argnums=0).lower(state_shapes, frozen_shapes, batch).compile()
+  lowered = jax.jit(step_fn, donate_argnums=0).lower(state_shapes, frozen_shapes, batch)
+  compiled = lowered.compile(kernels.training_compiler_options())
   return init_fn, compiled, time.perf_counter() - start
 
 

@@ -64,7 +64,7 @@ def get_config(arg: str = '512') -> ml_collections.ConfigDict:
   c.model.lora_init = 'gaussian'
   c.model.compute_dtype = 'bfloat16'     # activations; params stay float32
   c.model.frozen_param_dtype = 'bfloat16'  # frozen UNet/VAE/DINOv3 weights (LoRA + heads stay fp32)
-  c.model.remat = False                  # rematerialise the UNet and decoder in the backward pass
+  c.model.remat = False                  # recompute each UNet/VAE/DINOv3 block in the backward pass
   c.model.disc_resolution = 512          # head table (method-facts §1.5): 512 or 1024
 
   c.loss = ml_collections.ConfigDict(dict(lrr=5.0, gan=0.5, dv3cd=5.0, l1=0.5, disc=0.5))

@@ -62,6 +62,7 @@ from absl import logging
 from sr_jax import checkpointing
 from sr_jax import sharding
 from sr_jax import summary
+from sr_jax.models import kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,7 +287,7 @@ def _compile(run: _Run, state: Any, batch: dict) -> tuple[Any, Any, Any, float |
       in_shardings=(run.state_shardings, frozen_shardings, batch_shardings, tracker_shardings),
       out_shardings=(run.state_shardings, tracker_shardings),
       donate_argnums=(0, 3),
-  ).lower(state, run.frozen, batch, tracker).compile()
+  ).lower(state, run.frozen, batch, tracker).compile(kernels.training_compiler_options())
   logging.info('compiled the train step in %.1f s', time.time() - start)
   reset_fn = jax.jit(reset_sums, out_shardings=tracker_shardings, donate_argnums=0)
   flops = None

@@ -27,16 +27,30 @@ def test_winograd_3x3_equals_direct_convolution(shape, padding):
   np.testing.assert_allclose(got, _lax_conv(x, k, padding), **TOL)
 
 
-def test_conv_dispatch_takes_winograd_above_threshold_and_matches_lax():
-  x = jax.random.normal(jax.random.key(1), (1, 72, 72, 4))  # 5184 >= WINOGRAD_MIN_PIXELS outputs
-  k = jax.random.normal(jax.random.key(2), (3, 3, 4, 4))
+def _dispatch(x, k, pad):
+  return lambda: kernels.conv_general_dilated(x, k, (1, 1), pad, dimension_numbers=NHWC,
+                                              precision=lax.Precision.HIGHEST)
+
+
+def _primitives(fn):
+  return {e.primitive.name for e in jax.make_jaxpr(fn)().jaxpr.eqns}
+
+
+def test_conv_dispatch_picks_each_path_by_size_and_channels_and_matches_lax(monkeypatch):
   pad = ((1, 1), (1, 1))
-  jaxpr = str(jax.make_jaxpr(lambda a, b: kernels.conv_general_dilated(
-      a, b, (1, 1), pad, dimension_numbers=NHWC))(x, k))
-  assert 'conv_general_dilated' not in jaxpr  # the Winograd route, not Eigen
-  got = kernels.conv_general_dilated(x, k, (1, 1), pad, dimension_numbers=NHWC,
-                                     precision=lax.Precision.HIGHEST)
-  np.testing.assert_allclose(got, _lax_conv(x, k, pad), **TOL)
+  small = jax.random.normal(jax.random.key(1), (2, 9, 7, 4))    # 63 output pixels: patches matmul
+  k = jax.random.normal(jax.random.key(2), (3, 3, 4, 5))
+  assert _primitives(_dispatch(small, k, pad)) >= {'concatenate', 'dot_general'}
+  np.testing.assert_allclose(_dispatch(small, k, pad)(), _lax_conv(small, k, pad), **TOL)
+  k1x3 = jax.random.normal(jax.random.key(3), (1, 3, 4, 5))   # any kernel size, asymmetric padding
+  np.testing.assert_allclose(_dispatch(small, k1x3, ((0, 0), (2, 0)))(),
+                             _lax_conv(small, k1x3, ((0, 0), (2, 0))), **TOL)
+
+  big = jax.random.normal(jax.random.key(4), (1, 20, 20, 4))    # 400 pixels: lax
+  assert 'conv_general_dilated' in _primitives(_dispatch(big, k, pad))
+  monkeypatch.setattr(kernels, 'WINOGRAD_MIN_PIXELS', 400)      # a small model of the VAE rule
+  assert 'conv_general_dilated' not in _primitives(_dispatch(big, k, pad))  # Winograd
+  np.testing.assert_allclose(_dispatch(big, k, pad)(), _lax_conv(big, k, pad), **TOL)
 
 
 def test_depthwise_equals_grouped_convolution():
@@ -48,19 +62,20 @@ def test_depthwise_equals_grouped_convolution():
   np.testing.assert_allclose(got, _lax_conv(x, k, pad, groups=12), **TOL)
 
 
-def test_winograd_gradients_equal_direct_convolution_gradients():
-  x = jax.random.normal(jax.random.key(5), (1, 66, 66, 3))
+@pytest.mark.parametrize('conv,shape', [(kernels.winograd_conv3x3, (1, 66, 66, 3)),
+                                        (kernels.patch_matmul_conv, (2, 8, 6, 3))])
+def test_fast_conv_gradients_equal_direct_convolution_gradients(conv, shape):
+  x = jax.random.normal(jax.random.key(5), shape)
   k = jax.random.normal(jax.random.key(6), (3, 3, 3, 5))
   pad = ((1, 1), (1, 1))
-  loss = lambda conv: lambda a, b: jnp.sum(jnp.sin(conv(a, b)))
-  fast = jax.grad(loss(lambda a, b: kernels.winograd_conv3x3(a, b, pad, lax.Precision.HIGHEST)),
-                  argnums=(0, 1))(x, k)
+  loss = lambda fn: lambda a, b: jnp.sum(jnp.sin(fn(a, b)))
+  fast = jax.grad(loss(lambda a, b: conv(a, b, pad, lax.Precision.HIGHEST)), argnums=(0, 1))(x, k)
   slow = jax.grad(loss(lambda a, b: _lax_conv(a, b, pad)), argnums=(0, 1))(x, k)
   for f, s in zip(fast, slow):
     np.testing.assert_allclose(f, s, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize('chunk_scores', [None, 64 * 40])  # one chunk; several chunks + padding
+@pytest.mark.parametrize('chunk_scores', [None, 16 * 40])  # one block; 3 blocks + padding
 def test_chunked_attention_equals_dot_product_attention(chunk_scores):
   kq, kk, kv = jax.random.split(jax.random.key(7), 3)
   q = jax.random.normal(kq, (2, 37, 3, 8))
@@ -68,3 +83,35 @@ def test_chunked_attention_equals_dot_product_attention(chunk_scores):
   v = jax.random.normal(kv, (2, 40, 3, 8))
   got = kernels.chunked_attention(q, k, v, chunk_scores=chunk_scores)
   np.testing.assert_allclose(got, jax.nn.dot_product_attention(q, k, v), **TOL)
+
+
+def test_winograd_derivative_is_one_direct_conv_without_frozen_kernel_gradient():
+  """Differentiating w.r.t. the input only: the tangent map is one direct conv (no kernel-gradient
+  conv, and not the Winograd transforms, whose transpose would hold 4x-sized tiles)."""
+  x = jax.random.normal(jax.random.key(8), (2, 66, 64, 3))  # batch 2: the per-image lax.map path
+  k = jax.random.normal(jax.random.key(9), (3, 3, 3, 5))
+  pad = ((1, 1), (1, 1))
+  loss = lambda a: jnp.sum(jnp.sin(kernels.winograd_conv3x3(a, k, pad, lax.Precision.HIGHEST)))
+  np.testing.assert_allclose(
+      jax.grad(loss)(x), jax.grad(lambda a: jnp.sum(jnp.sin(_lax_conv(a, k, pad))))(x),
+      rtol=1e-4, atol=1e-4)
+  linear = jax.linearize(loss, x)[1]
+  eqns = [e.primitive.name for e in jax.make_jaxpr(linear)(x).jaxpr.eqns]
+  assert eqns.count('conv_general_dilated') == 1 and 'dot_general' not in eqns, eqns
+
+
+def test_chunked_attention_gradients_match_and_scores_are_recomputed():
+  kq, kk, kv = jax.random.split(jax.random.key(10), 3)
+  q = jax.random.normal(kq, (1, 64, 2, 8))
+  k = jax.random.normal(kk, (1, 48, 2, 8))
+  v = jax.random.normal(kv, (1, 48, 2, 8))
+  loss = lambda attend: lambda *qkv: jnp.sum(jnp.sin(attend(*qkv)))
+  chunked = lambda *qkv: kernels.chunked_attention(*qkv, chunk_scores=16 * 48)  # 4 blocks/head
+  got = jax.grad(loss(chunked), argnums=(0, 1, 2))(q, k, v)
+  want = jax.grad(loss(jax.nn.dot_product_attention), argnums=(0, 1, 2))(q, k, v)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+  # Kept for the backward: q/k/v-sized arrays only, never a (chunks of) score-sized one.
+  _, linear = jax.linearize(loss(chunked), q, k, v)
+  kept = sum(c.size for c in jax.tree.leaves(linear) if hasattr(c, 'size'))
+  assert kept < 2 * 64 * 48, kept

@@ -47,7 +47,6 @@ class OmgsrModels:
   alpha_bar: float                      # alpha-bar at t*
   scaling_factor: float                 # VAE latent scaling
   loss_weights: tuple[tuple[str, float], ...]
-  remat: bool = False
 
   def weight(self, name: str) -> float:
     return dict(self.loss_weights)[name]
@@ -85,23 +84,18 @@ def predict_clean_latent(models: OmgsrModels, unet_params: Any, unet_lora: Any, 
   context = jnp.broadcast_to(prompt_embeds, (batch,) + prompt_embeds.shape[1:])
   timesteps = jnp.full((batch,), models.t_star, jnp.int32)
 
-  def unet_eps(lora_tree, z):
-    return lora.apply(models.unet, unet_params, lora_tree, models.unet_lora,
-                      z.astype(models.unet.dtype), timesteps, context.astype(models.unet.dtype))
-
-  if models.remat:
-    unet_eps = jax.checkpoint(unet_eps)
-  eps = unet_eps(unet_lora, z_lq).astype(jnp.float32)
+  eps = lora.apply(models.unet, unet_params, unet_lora, models.unet_lora,
+                   z_lq.astype(models.unet.dtype), timesteps, context.astype(models.unet.dtype))
+  eps = eps.astype(jnp.float32)
   return schedules.ddpm_x0_from_epsilon(z_lq, eps, models.alpha_bar)
 
 
 def decode_latent(models: OmgsrModels, decoder_params: Any, z: jax.Array) -> jax.Array:
   """``x_P = D(z_P)`` with the frozen decoder, clamped to [-1, 1] as the reference."""
-  decode = lambda p, latent: models.vae_decoder.apply(
-      {'params': p}, (latent / models.scaling_factor).astype(models.vae_decoder.dtype), method='decode')
-  if models.remat:
-    decode = jax.checkpoint(decode)
-  return jnp.clip(decode(decoder_params, z).astype(jnp.float32), -1.0, 1.0)
+  images = models.vae_decoder.apply(
+      {'params': decoder_params}, (z / models.scaling_factor).astype(models.vae_decoder.dtype),
+      method='decode')
+  return jnp.clip(images.astype(jnp.float32), -1.0, 1.0)
 
 
 def super_resolve(models: OmgsrModels, frozen: Mapping[str, Any], generator: Any, lq: jax.Array,
@@ -343,11 +337,12 @@ def build_models(config, cfgs: Mapping[str, Any]) -> OmgsrModels:
   compute = jnp.dtype(m.compute_dtype)
   alphas_cumprod = schedules.ddpm_alphas_cumprod(cfgs['scheduler'])
   targets = tuple(m.lora_targets)
+  kw = dict(dtype=compute, remat=bool(m.remat))  # remat: per block (see layers.maybe_remat)
   return OmgsrModels(
-      unet=UNet2DConditionModel.from_config(cfgs['unet'], dtype=compute),
-      vae_encoder=AutoencoderKL.from_config(cfgs['vae'], dtype=compute, parts=('encoder',)),
-      vae_decoder=AutoencoderKL.from_config(cfgs['vae'], dtype=compute, parts=('decoder',)),
-      dino=DINOv3ConvNextModel.from_config(cfgs['dinov3'], dtype=compute),
+      unet=UNet2DConditionModel.from_config(cfgs['unet'], **kw),
+      vae_encoder=AutoencoderKL.from_config(cfgs['vae'], parts=('encoder',), **kw),
+      vae_decoder=AutoencoderKL.from_config(cfgs['vae'], parts=('decoder',), **kw),
+      dino=DINOv3ConvNextModel.from_config(cfgs['dinov3'], **kw),
       heads=discriminator.DiscriminatorHeads(
           channels=tuple(cfgs['dinov3']['hidden_sizes'][:discriminator.NUM_LEVELS]),
           resolution=m.disc_resolution, dtype=compute),
@@ -356,7 +351,7 @@ def build_models(config, cfgs: Mapping[str, Any]) -> OmgsrModels:
                                prefix='encoder'),
       t_star=int(m.t_star), alpha_bar=float(alphas_cumprod[m.t_star]),
       scaling_factor=float(cfgs['vae'].get('scaling_factor', 0.18215)),
-      loss_weights=tuple(sorted(dict(config.loss).items())), remat=bool(m.remat))
+      loss_weights=tuple(sorted(dict(config.loss).items())))
 
 
 def build(config) -> tuple[OmgsrModels, dict, dict]:

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sr_jax.models.layers import Conv
+from sr_jax.models.layers import Conv, maybe_remat
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -80,6 +80,7 @@ class DINOv3ConvNextStage(nn.Module):
   depth: int
   layer_norm_eps: float = 1e-6
   layer_scale_init_value: float = 1e-6
+  remat: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -90,8 +91,9 @@ class DINOv3ConvNextStage(nn.Module):
                    dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_kernel_init)
     # The order of this list is the torch `downsample_layers` index (0, 1).
     self.downsample_layers = [conv, norm] if self.stage_index == 0 else [norm, conv]
+    layer = maybe_remat(DINOv3ConvNextLayer, self.remat)
     self.layers = [
-        DINOv3ConvNextLayer(self.out_channels, self.layer_norm_eps, self.layer_scale_init_value,
+        layer(self.out_channels, self.layer_norm_eps, self.layer_scale_init_value,
                             dtype=self.dtype, param_dtype=self.param_dtype)
         for _ in range(self.depth)
     ]
@@ -119,6 +121,7 @@ class DINOv3ConvNextModel(nn.Module):
   num_channels: int = 3
   layer_norm_eps: float = 1e-6
   layer_scale_init_value: float = 1e-6
+  remat: bool = False  # rematerialise each ConvNeXt block (training through the frozen backbone)
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -148,7 +151,7 @@ class DINOv3ConvNextModel(nn.Module):
   def setup(self):
     self.stages = [
         DINOv3ConvNextStage(i, size, depth, self.layer_norm_eps, self.layer_scale_init_value,
-                            dtype=self.dtype, param_dtype=self.param_dtype)
+                            remat=self.remat, dtype=self.dtype, param_dtype=self.param_dtype)
         for i, (size, depth) in enumerate(zip(self.hidden_sizes, self.depths))
     ]
     # transformers' final norm over [pooled, patch tokens]; not part of any stage output, kept so the

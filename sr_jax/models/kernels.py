@@ -11,29 +11,41 @@ exactly the lax / cuDNN ops:
   unchanged. On CPU it computes
   - depthwise convolutions (ConvNeXt's 7x7) as a sum of shifted multiply-adds: Eigen has no depthwise
     kernel and was ~14x slower;
-  - stride-1 3x3 float32 convolutions over at least ``WINOGRAD_MIN_PIXELS`` output pixels with
-    Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray 2016): 16 batched matmuls instead of 36
-    multiply-adds per output 2x2 tile, ~1.5x faster than Eigen's direct convolution here. The
-    transforms only add and halve, so fp32 rounding stays at the level of the direct sum (measured
-    max error vs PyTorch equal to the direct convolution's).
-* :func:`dot_product_attention` keeps cuDNN on GPU and otherwise runs heads-major batched matmuls
-  over query chunks (``lax.map``), so each chunk's float32 scores stay cache-sized and XLA never
-  rearranges a score-sized tensor; the softmax is exact (max-subtracted, float32).
+  - stride-1 float32 convolutions over at most ``PATCH_MATMUL_MAX_PIXELS`` output pixels (the UNet's
+    16x16 and 8x8 levels, 1280-2560 channels) as one matmul of the image patches (im2col): XLA's
+    direct convolution is weight-bandwidth bound there, the matmul 1.4-3.5x faster;
+  - stride-1 3x3 float32 convolutions over at least ``WINOGRAD_MIN_PIXELS`` output pixels (the VAE
+    at 128² and above) with Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray 2016): 16 batched matmuls instead of 36
+    multiply-adds per output 2x2 tile. The transforms only add and halve, so fp32 rounding stays at
+    the level of the direct sum (measured max error vs PyTorch equal to the direct convolution's).
+  The thresholds come from per-shape and whole-model timings on the 2-core development VM
+  (benchmarks/RESULTS.md): elsewhere (the UNet's 64x64 and 32x32 levels) XLA's own convolution was
+  the fastest of the three.
+* :func:`dot_product_attention` keeps cuDNN on GPU and otherwise runs matmuls over (head, query
+  block) steps (``lax.map``), so a step's keys, values and float32 scores stay cache-sized and XLA
+  never rearranges a score-sized tensor; the softmax is exact (max-subtracted, float32). Like flash
+  attention, the backward pass recomputes each chunk's scores instead of keeping them: kept, the
+  SD2.1 UNet's five 4096-token self-attentions hold ~3 GiB of float32 scores per 512² image.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
-# Below this many output pixels per image (H x W) the per-call kernel transform and the small matmuls
-# make Winograd slower than the direct convolution (measured: break-even near 32x32, batch 1).
-WINOGRAD_MIN_PIXELS = 4096
-# Query chunk size for CPU attention: about this many float32 scores per chunk (16 MiB).
-ATTENTION_CHUNK_SCORES = 1 << 22
+# Per-image output sizes (H x W) where the CPU paths beat XLA's convolution (measured, fp32, batch 1):
+# patches-matmul up to 16x16 (8x8 1280->1280: 12 ms vs 42 ms); Winograd from 128x128 (the SD VAE
+# decoder: 11.8 s vs 13.1 s with XLA's convolution below 512 channels); at the UNet's 64x64 level
+# XLA's convolution was ~10% faster than Winograd.
+PATCH_MATMUL_MAX_PIXELS = 256
+WINOGRAD_MIN_PIXELS = 128 * 128
+# CPU attention block: about this many float32 scores (8 MiB) per (head, query block) step.
+ATTENTION_CHUNK_SCORES = 1 << 21
 
 # F(2x2, 3x3) transforms: kernel G, input B^T and output A^T (Lavin & Gray 2016, Eq. 7-8).
 _WINOGRAD_G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float32)
@@ -42,6 +54,17 @@ _WINOGRAD_G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.f
 def on_cpu() -> bool:
   """True when the default backend (the one `jax.jit` compiles for) is the CPU."""
   return jax.default_backend() == 'cpu'
+
+
+def training_compiler_options() -> dict[str, Any]:
+  """XLA options for compiling a training step on this backend (pass to ``Lowered.compile``).
+
+  XLA:CPU's default scheduler orders ops for thread concurrency and hoists the rematerialised
+  forward blocks to the start of the backward pass, so ``jax.checkpoint`` saved little: the SD VAE
+  decoder's gradient at 512² needed 6.3 GiB of temporaries with per-block remat, 3.7 GiB with the
+  memory-optimised schedule. GPU and TPU schedule for memory already.
+  """
+  return {'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'} if on_cpu() else {}
 
 
 def _is_nhwc_hwio(dimension_numbers: Any, ndim: int) -> bool:
@@ -77,9 +100,12 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
       return depthwise_conv(lhs, rhs, padding)
     # Per image, not per batch: the algorithm (and so the rounding) of one example must not depend on
     # how a batch is split over devices, or 1 and 8 devices would train differently.
-    out_pixels = (lhs.shape[1] + sum(padding[0]) - 2) * (lhs.shape[2] + sum(padding[1]) - 2)
-    if (feature_group_count == 1 and rhs.shape[:2] == (3, 3) and lhs.dtype == jnp.float32
-        and rhs.dtype == jnp.float32 and out_pixels >= WINOGRAD_MIN_PIXELS):
+    out_pixels = ((lhs.shape[1] + sum(padding[0]) - rhs.shape[0] + 1)
+                  * (lhs.shape[2] + sum(padding[1]) - rhs.shape[1] + 1))
+    dense = feature_group_count == 1 and lhs.dtype == rhs.dtype == jnp.float32
+    if dense and rhs.shape[:2] != (1, 1) and out_pixels <= PATCH_MATMUL_MAX_PIXELS:
+      return patch_matmul_conv(lhs, rhs, padding, precision)
+    if dense and rhs.shape[:2] == (3, 3) and out_pixels >= WINOGRAD_MIN_PIXELS:
       return winograd_conv3x3(lhs, rhs, padding, precision)
   return lax.conv_general_dilated(
       lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
@@ -105,6 +131,22 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array,
   return out.astype(jnp.result_type(x.dtype, kernel.dtype))
 
 
+def patch_matmul_conv(x: jax.Array, kernel: jax.Array,
+                      padding: tuple[tuple[int, int], tuple[int, int]],
+                      precision: Any = None) -> jax.Array:
+  """Stride-1 convolution (NHWC, HWIO kernel) as one matmul: the (kh * kw * C_in) patch of every
+  output pixel, ordered like the reshaped HWIO kernel, times that kernel. The patches are
+  kh * kw times the input, so this is for small feature maps only."""
+  kh, kw, cin, cout = kernel.shape
+  xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  b, h, w = x.shape[0], xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
+  patches = jnp.concatenate([xp[:, i:i + h, j:j + w, :] for i in range(kh) for j in range(kw)],
+                            axis=-1)
+  out = jnp.matmul(patches.reshape(b, h * w, kh * kw * cin), kernel.reshape(kh * kw * cin, cout),
+                   precision=precision)
+  return out.reshape(b, h, w, cout)
+
+
 def _bt(d: list) -> list:
   """B^T d along one tile axis (4 input rows -> 4 transformed rows)."""
   return [d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3]]
@@ -115,6 +157,7 @@ def _at(m: list) -> list:
   return [m[0] + m[1] + m[2], m[1] - m[2] - m[3]]
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
 def winograd_conv3x3(x: jax.Array, kernel: jax.Array,
                      padding: tuple[tuple[int, int], tuple[int, int]],
                      precision: Any = None) -> jax.Array:
@@ -124,10 +167,33 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array,
   ``Y = A^T [(G g G^T) * (B^T d B)] A``, the elementwise product being 16 matmuls over channels.
   The transformed input is 4x the input, so a batch runs image by image (``lax.map``): memory stays
   that of one image (a batch of 8 at 512² would otherwise need ~4 GiB per VAE conv).
+
+  Derivatives (:func:`_winograd_jvp`) are those of the direct convolution, which is the same linear
+  map: differentiating the transforms instead would keep 4x-sized tiles for the backward pass.
   """
   if x.shape[0] > 1:
     return lax.map(lambda image: _winograd_batch(image[None], kernel, padding, precision)[0], x)
   return _winograd_batch(x, kernel, padding, precision)
+
+
+def _direct_conv3x3(x: jax.Array, kernel: jax.Array, padding, precision) -> jax.Array:
+  return lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                  precision=precision)
+
+
+@functools.partial(winograd_conv3x3.defjvp, symbolic_zeros=True)
+def _winograd_jvp(padding, precision, primals, tangents):
+  """Tangents through the direct convolution; a frozen (undifferentiated) operand adds no term, so
+  no gradient of a frozen kernel is ever formed and ``x`` is not kept when only ``x`` is perturbed."""
+  x, kernel = primals
+  dx, dkernel = tangents
+  out = winograd_conv3x3(x, kernel, padding, precision)
+  terms = []
+  if not isinstance(dx, SymbolicZero):
+    terms.append(_direct_conv3x3(dx, kernel, padding, precision))
+  if not isinstance(dkernel, SymbolicZero):
+    terms.append(_direct_conv3x3(x, dkernel, padding, precision))
+  return out, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(out)
 
 
 def _winograd_batch(x: jax.Array, kernel: jax.Array,
@@ -167,8 +233,10 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
 
 def chunked_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                       chunk_scores: int | None = None) -> jax.Array:
-  """Exact softmax attention, heads-major, over query chunks of about ``chunk_scores`` scores
-  (default `ATTENTION_CHUNK_SCORES`)."""
+  """Exact softmax attention, one head and a block of queries at a time (``lax.map``): each step
+  scores a block of about ``chunk_scores`` (default `ATTENTION_CHUNK_SCORES`) queries x keys
+  against that head's keys and values only, which stay cache-resident (SD2.1's 4096-token layers:
+  137 ms vs 172 ms with all heads per step)."""
   b, lq, heads, d = query.shape
   lk, dv = key.shape[1], value.shape[-1]
   bh = b * heads
@@ -176,21 +244,21 @@ def chunked_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   q = (query * scale).transpose(0, 2, 1, 3).reshape(bh, lq, d)
   k = key.transpose(0, 2, 1, 3).reshape(bh, lk, d)
   v = value.transpose(0, 2, 1, 3).reshape(bh, lk, dv)
+  rows = max(1, (chunk_scores or ATTENTION_CHUNK_SCORES) // lk)
+  rows = min(1 << (rows.bit_length() - 1), lq)  # a power of two, or all queries
+  blocks = -(-lq // rows)
+  q = jnp.pad(q, ((0, 0), (0, blocks * rows - lq), (0, 0))).reshape(bh * blocks, rows, d)
 
-  def attend(q_chunk: jax.Array) -> jax.Array:
-    scores = jnp.einsum('bqd,bkd->bqk', q_chunk, k, preferred_element_type=jnp.float32)
+  @jax.checkpoint  # backward: recompute this block's scores rather than storing all of them
+  def attend(step: tuple[jax.Array, jax.Array]) -> jax.Array:
+    index, q_block = step
+    k_head, v_head = k[index // blocks], v[index // blocks]
+    scores = jnp.einsum('qd,kd->qk', q_block, k_head, preferred_element_type=jnp.float32)
     weights = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
-    out = jnp.einsum('bqk,bkd->bqd', weights.astype(v.dtype), v,
+    out = jnp.einsum('qk,kd->qd', weights.astype(v.dtype), v_head,
                      preferred_element_type=jnp.float32)
     return (out / weights.sum(axis=-1, keepdims=True)).astype(query.dtype)
 
-  chunk = max(1, (chunk_scores or ATTENTION_CHUNK_SCORES) // (bh * lk))
-  chunk = 1 << (chunk.bit_length() - 1)  # a power of two
-  if chunk >= lq:
-    out = attend(q)
-  else:
-    n = -(-lq // chunk)
-    q = jnp.pad(q, ((0, 0), (0, n * chunk - lq), (0, 0)))
-    q = q.reshape(bh, n, chunk, d).transpose(1, 0, 2, 3)
-    out = lax.map(attend, q).transpose(1, 0, 2, 3).reshape(bh, n * chunk, dv)[:, :lq]
+  out = lax.map(attend, (jnp.arange(bh * blocks), q))
+  out = out.reshape(bh, blocks * rows, dv)[:, :lq]
   return out.reshape(b, heads, lq, dv).transpose(0, 2, 1, 3)

@@ -38,6 +38,16 @@ _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
+def maybe_remat(module_class: type[nn.Module], remat: bool) -> type[nn.Module]:
+  """``nn.remat(module_class)`` when ``remat``: the block keeps only its inputs for the backward pass
+  and recomputes its inside (param names are unchanged: children are built with explicit names).
+
+  Per block, not per model: rematerialising a whole model recomputes all of its activations at once
+  in the backward pass, so the peak does not move (benchmarks/RESULTS.md).
+  """
+  return nn.remat(module_class) if remat else module_class
+
+
 def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
   """diffusers ``get_activation``: the activation function called ``name`` (GELU is the exact erf form)."""
   try:
@@ -297,6 +307,7 @@ class Transformer2DModel(nn.Module):
   num_layers: int = 1
   norm_num_groups: int = 32
   use_linear_projection: bool = False
+  remat: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -314,9 +325,9 @@ class Transformer2DModel(nn.Module):
     hidden = self._projection(inner, 'proj_in')(hidden)
     hidden = hidden.reshape(b, h * w, inner)
     for i in range(self.num_layers):
-      hidden = BasicTransformerBlock(self.heads, self.dim_head, dtype=self.dtype,
-                                     param_dtype=self.param_dtype,
-                                     name=f'transformer_blocks_{i}')(hidden, context)
+      block = maybe_remat(BasicTransformerBlock, self.remat)
+      hidden = block(self.heads, self.dim_head, dtype=self.dtype, param_dtype=self.param_dtype,
+                     name=f'transformer_blocks_{i}')(hidden, context)
     hidden = hidden.reshape(b, h, w, inner)
     hidden = self._projection(c, 'proj_out')(hidden)
     return hidden + x.astype(hidden.dtype)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from sr_jax.models.layers import (Conv, Downsample2D, ResnetBlock2D, TimestepEmbedding,
+from sr_jax.models.layers import (Conv, Downsample2D, ResnetBlock2D, TimestepEmbedding, maybe_remat,
                                   Transformer2DModel, Upsample2D, conv_padding, get_activation,
                                   timestep_embedding)
 
@@ -155,15 +155,15 @@ class _BlockMixin:
   """Shared constructors of the ResNet and transformer children of a UNet block."""
 
   def _resnet(self, out_channels: int, name: str, scale: float = 1.0) -> ResnetBlock2D:
-    return ResnetBlock2D(out_channels, groups=self.norm_num_groups, eps=self.norm_eps,
-                         act_fn=self.act_fn, output_scale_factor=scale, dtype=self.dtype,
-                         param_dtype=self.param_dtype, name=name)
+    return maybe_remat(ResnetBlock2D, self.remat)(
+        out_channels, groups=self.norm_num_groups, eps=self.norm_eps, act_fn=self.act_fn,
+        output_scale_factor=scale, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
   def _transformer(self, channels: int, name: str) -> Transformer2DModel:
     return Transformer2DModel(self.num_heads, channels // self.num_heads,
                               num_layers=self.transformer_layers, norm_num_groups=self.norm_num_groups,
-                              use_linear_projection=self.use_linear_projection, dtype=self.dtype,
-                              param_dtype=self.param_dtype, name=name)
+                              use_linear_projection=self.use_linear_projection, remat=self.remat,
+                              dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
 
 class DownBlock(nn.Module, _BlockMixin):
@@ -183,6 +183,7 @@ class DownBlock(nn.Module, _BlockMixin):
   norm_num_groups: int = 32
   norm_eps: float = 1e-5
   act_fn: str = 'silu'
+  remat: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -210,6 +211,7 @@ class MidBlockCrossAttn(nn.Module, _BlockMixin):
   norm_num_groups: int = 32
   norm_eps: float = 1e-5
   act_fn: str = 'silu'
+  remat: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -238,6 +240,7 @@ class UpBlock(nn.Module, _BlockMixin):
   norm_num_groups: int = 32
   norm_eps: float = 1e-5
   act_fn: str = 'silu'
+  remat: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -285,6 +288,7 @@ class UNet2DConditionModel(nn.Module):
   timestep_post_act: str | None = None
   conv_in_kernel: int = 3
   conv_out_kernel: int = 3
+  remat: bool = False                   # rematerialise each ResNet and transformer block (training)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -303,7 +307,7 @@ class UNet2DConditionModel(nn.Module):
   def _block_kwargs(self, i: int) -> dict[str, Any]:
     return dict(num_heads=self.num_attention_heads[i],
                 use_linear_projection=self.use_linear_projection, norm_num_groups=self.norm_num_groups,
-                norm_eps=self.norm_eps, act_fn=self.act_fn, dtype=self.dtype,
+                norm_eps=self.norm_eps, act_fn=self.act_fn, remat=self.remat, dtype=self.dtype,
                 param_dtype=self.param_dtype)
 
   def _time_embedding(self, timesteps: jax.Array, batch: int) -> jax.Array:

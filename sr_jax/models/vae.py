@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from sr_jax.models.layers import (Attention, Conv, Downsample2D, ResnetBlock2D, Upsample2D,
-                                  get_activation)
+                                  get_activation, maybe_remat)
 
 Dtype = Any
 _log = logging.getLogger(__name__)
@@ -77,16 +77,18 @@ class _VAEModule(nn.Module):
   can add their own)."""
   norm_num_groups: int = 32
   act_fn: str = 'silu'
+  remat: bool = False  # rematerialise each ResNet block and the attention (training)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   def _shared(self) -> dict[str, Any]:
-    return dict(norm_num_groups=self.norm_num_groups, act_fn=self.act_fn, dtype=self.dtype,
-                param_dtype=self.param_dtype)
+    return dict(norm_num_groups=self.norm_num_groups, act_fn=self.act_fn, remat=self.remat,
+                dtype=self.dtype, param_dtype=self.param_dtype)
 
   def _resnet(self, out_channels: int, name: str) -> ResnetBlock2D:
-    return ResnetBlock2D(out_channels, groups=self.norm_num_groups, eps=VAE_EPS, act_fn=self.act_fn,
-                         dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    return maybe_remat(ResnetBlock2D, self.remat)(
+        out_channels, groups=self.norm_num_groups, eps=VAE_EPS, act_fn=self.act_fn, dtype=self.dtype,
+        param_dtype=self.param_dtype, name=name)
 
   def _conv(self, features: int, name: str | None, kernel: int = 3) -> nn.Conv:
     pad = (kernel - 1) // 2
@@ -141,7 +143,8 @@ class UNetMidBlock2D(_VAEModule):
     x = self._resnet(channels, 'resnets_0')(x)
     if self.add_attention:
       # diffusers: heads = channels // attention_head_dim, with attention_head_dim = channels.
-      x = Attention(1, channels, qkv_bias=True, norm_num_groups=self.norm_num_groups, eps=VAE_EPS,
+      attention = maybe_remat(Attention, self.remat)
+      x = attention(1, channels, qkv_bias=True, norm_num_groups=self.norm_num_groups, eps=VAE_EPS,
                     residual_connection=True, dtype=self.dtype, param_dtype=self.param_dtype,
                     name='attentions_0')(x)
     return self._resnet(channels, 'resnets_1')(x)
