@@ -30,8 +30,8 @@ def _inputs(shapes, seed=0):
 
 def _case(name):
   """(module class, config, from_config kwargs, LoRA config or None, input arrays, apply method)."""
-  if name in ('unet_sd21', 'unet_sd1'):
-    config = td.TINY_UNET_SD21 if name == 'unet_sd21' else td.TINY_UNET_SD1
+  if name == 'unet_sd21':  # the SD1 layout wraps the same ResNet / transformer blocks
+    config = td.TINY_UNET_SD21
     sample, context = _inputs([(2, 16, 12, 4), (2, 5, config['cross_attention_dim'])])
     return UNet2DConditionModel, config, {}, UNET_LORA, (sample, np.array([3., 700.]), context), None
   if name == 'vae_encoder':
@@ -45,15 +45,16 @@ def _case(name):
 
 def saved_activation_bytes(fn, *args) -> int:
   """Bytes of the >= 3-D arrays (activations, not biases, norms or LoRA factors) that the backward
-  pass of ``fn`` keeps, read from ``jax.ad_checkpoint.print_saved_residuals`` (lines 'f32[2,8,8,4] ...')."""
+  pass of ``fn`` keeps, read from ``jax.ad_checkpoint.print_saved_residuals`` ('f32[2,8,8,4] ...')."""
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
     print_saved_residuals(fn, *args)
+  itemsize = {'f32': 4, 'bf16': 2, 'f16': 2}
   total = 0
   for dtype, dims in re.findall(r'^(\w+)\[([\d,]*)\]', out.getvalue(), re.M):
     shape = [int(d) for d in dims.split(',') if d]
     if len(shape) >= 3:
-      total += int(np.prod(shape)) * jnp.dtype({'f32': 'float32', 'bf16': 'bfloat16'}.get(dtype, dtype)).itemsize
+      total += int(np.prod(shape)) * itemsize.get(dtype, 4)
   return total
 
 
@@ -63,7 +64,7 @@ def _loss(module, params, lora_tree, lora_config, inputs, method):
   return sum(jnp.mean(jnp.sin(o)) for o in jax.tree.leaves(out))
 
 
-@pytest.mark.parametrize('name', ['unet_sd21', 'unet_sd1', 'vae_encoder', 'vae_decoder', 'dinov3'])
+@pytest.mark.parametrize('name', ['unet_sd21', 'vae_encoder', 'vae_decoder', 'dinov3'])
 def test_remat_keeps_params_outputs_and_gradients(name):
   cls, config, kwargs, lora_config, inputs, method = _case(name)
   plain, remat = cls.from_config(config, **kwargs), cls.from_config(config, remat=True, **kwargs)
@@ -73,11 +74,10 @@ def test_remat_keeps_params_outputs_and_gradients(name):
 
   tree = random_lora(params, lora_config) if lora_config else None
   # Differentiate w.r.t. the LoRA tree (generator modules) or the input (frozen modules).
-  wrt = (lambda m: lambda t, x: _loss(m, params, t, lora_config, x, method)) if lora_config else (
-      lambda m: lambda t, x: _loss(m, params, None, None, x, method))
+  wrt = lambda m: lambda t, x: _loss(m, params, t, lora_config, x, method)
   argnums = 0 if lora_config else 1
-  results = [jax.jit(jax.value_and_grad(wrt(m), argnums=argnums))(tree, inputs) for m in (plain, remat)]
-  (value, grads), (remat_value, remat_grads) = results
+  (value, grads), (remat_value, remat_grads) = [
+      jax.jit(jax.value_and_grad(wrt(m), argnums=argnums))(tree, inputs) for m in (plain, remat)]
   np.testing.assert_allclose(remat_value, value, rtol=1e-6, atol=1e-7)
   for got, want in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(grads)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * float(np.abs(want).max()))

@@ -12,12 +12,13 @@ exactly the lax / cuDNN ops:
   - depthwise convolutions (ConvNeXt's 7x7) as a sum of shifted multiply-adds: Eigen has no depthwise
     kernel and was ~14x slower;
   - stride-1 float32 convolutions over at most ``PATCH_MATMUL_MAX_PIXELS`` output pixels (the UNet's
-    16x16 and 8x8 levels, 1280-2560 channels) as one matmul of the image patches (im2col): XLA's
-    direct convolution is weight-bandwidth bound there, the matmul 1.4-3.5x faster;
+    16x16 and 8x8 levels, 1280-2560 channels) as one matmul of the image patches (im2col): there
+    the matmul was 1.4-3.5x faster than XLA's direct convolution;
   - stride-1 3x3 float32 convolutions over at least ``WINOGRAD_MIN_PIXELS`` output pixels (the VAE
-    at 128² and above) with Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray 2016): 16 batched matmuls instead of 36
-    multiply-adds per output 2x2 tile. The transforms only add and halve, so fp32 rounding stays at
-    the level of the direct sum (measured max error vs PyTorch equal to the direct convolution's).
+    at 128² and above) with Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray 2016): 16
+    batched matmuls instead of 36 multiply-adds per output 2x2 tile. The transforms only add and
+    halve, so fp32 rounding stays at the level of the direct sum (measured max error vs PyTorch
+    equal to the direct convolution's).
   The thresholds come from per-shape and whole-model timings on the 2-core development VM
   (benchmarks/RESULTS.md): elsewhere (the UNet's 64x64 and 32x32 levels) XLA's own convolution was
   the fastest of the three.
@@ -177,8 +178,8 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array,
 
 
 def _direct_conv3x3(x: jax.Array, kernel: jax.Array, padding, precision) -> jax.Array:
-  return lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-                                  precision=precision)
+  return lax.conv_general_dilated(x, kernel, (1, 1), padding,
+                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=precision)
 
 
 @functools.partial(winograd_conv3x3.defjvp, symbolic_zeros=True)
