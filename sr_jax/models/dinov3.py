@@ -94,7 +94,7 @@ class DINOv3ConvNextStage(nn.Module):
     layer = maybe_remat(DINOv3ConvNextLayer, self.remat)
     self.layers = [
         layer(self.out_channels, self.layer_norm_eps, self.layer_scale_init_value,
-                            dtype=self.dtype, param_dtype=self.param_dtype)
+              dtype=self.dtype, param_dtype=self.param_dtype)
         for _ in range(self.depth)
     ]
 
