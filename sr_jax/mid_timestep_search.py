@@ -42,6 +42,7 @@ Runs on one process and one device (the default device); the VAE encoder is the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -54,6 +55,7 @@ import numpy as np
 from sr_jax.diffusion import mid_timestep
 from sr_jax.diffusion import schedules
 from sr_jax.methods import omgsr
+from sr_jax.models import kernels
 from sr_jax.models.vae import AutoencoderKL
 
 # omgsr._load_frozen_models initialises (unet, vae, dinov3) with seeds config.seed + (0, 1, 2).
@@ -99,7 +101,7 @@ def make_pair_statistics_fn(encoder: FrozenEncoder) -> Callable:
   HQ and LQ go through one encoder call (a 2B batch); each latent is ``latent_dist.sample()`` x
   scaling factor, as the reference and the OMGSR training step.
   """
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=kernels.compiler_options())
   def pair_statistics(params, hq, lq, rng):
     images = jnp.concatenate([hq, lq], axis=0)
     latents = omgsr.encode_lq_latent(encoder, params, None, images, rng)

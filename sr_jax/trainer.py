@@ -383,7 +383,8 @@ def _train_loop(run: _Run, state: Any, step: int) -> tuple[Any, int]:
   if batch is None:
     return state, step
   step_fn, tracker_fn, reset_fn, flops_per_step = _compile(run, state, batch)
-  sample_fn = jax.jit(run.method.sample) if run.method.sample is not None else None
+  sample_fn = (jax.jit(run.method.sample, compiler_options=kernels.compiler_options())
+               if run.method.sample is not None else None)
   sample_batch = batch  # a fixed batch: grids stay comparable across steps
   tracker = tracker_fn(step)
   last_log_step, last_log_time = step, time.time()

@@ -6,6 +6,7 @@ import pytest
 from jax import lax
 
 from sr_jax.models import kernels
+from sr_jax.models.dinov3 import DINOv3ConvNextLayer
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
 TOL = dict(rtol=1e-5, atol=1e-5)  # float32; the paths only reorder sums
@@ -53,13 +54,43 @@ def test_conv_dispatch_picks_each_path_by_size_and_channels_and_matches_lax(monk
   np.testing.assert_allclose(_dispatch(big, k, pad)(), _lax_conv(big, k, pad), **TOL)
 
 
-def test_depthwise_equals_grouped_convolution():
-  x = jax.random.normal(jax.random.key(3), (2, 20, 17, 12))
-  k = jax.random.normal(jax.random.key(4), (7, 7, 1, 12)) / 7
+@pytest.mark.parametrize('channels', [12, 7, 192])  # blocks of 6; 7 of 1 (prime); 3 of 64
+def test_depthwise_equals_grouped_convolution(channels):
+  x = jax.random.normal(jax.random.key(3), (2, 20, 17, channels))
+  k = jax.random.normal(jax.random.key(4), (7, 7, 1, channels)) / 7
   pad = ((3, 3), (3, 3))
-  got = kernels.conv_general_dilated(x, k, (1, 1), pad, dimension_numbers=NHWC,
-                                     feature_group_count=12)
-  np.testing.assert_allclose(got, _lax_conv(x, k, pad, groups=12), **TOL)
+  conv = lambda a, b: kernels.conv_general_dilated(a, b, (1, 1), pad, dimension_numbers=NHWC,
+                                                   feature_group_count=channels)
+  np.testing.assert_allclose(conv(x, k), _lax_conv(x, k, pad, groups=channels), **TOL)
+  loss = lambda fn: lambda a, b: jnp.sum(jnp.sin(fn(a, b)))
+  fast = jax.grad(loss(conv), argnums=(0, 1))(x, k)
+  slow = jax.grad(loss(lambda a, b: _lax_conv(a, b, pad, groups=channels)), argnums=(0, 1))(x, k)
+  for f, s in zip(fast, slow):
+    np.testing.assert_allclose(f, s, rtol=1e-4, atol=1e-4)
+
+
+def test_depthwise_bfloat16_accumulates_in_float32():
+  x = jax.random.normal(jax.random.key(3), (1, 16, 16, 8)).astype(jnp.bfloat16)
+  k = (jax.random.normal(jax.random.key(4), (7, 7, 1, 8)) / 7).astype(jnp.bfloat16)
+  got = kernels.depthwise_conv(x, k, ((3, 3), (3, 3)))
+  assert got.dtype == jnp.bfloat16
+  want = _lax_conv(x.astype(jnp.float32), k.astype(jnp.float32), ((3, 3), (3, 3)), groups=8)
+  np.testing.assert_allclose(got.astype(jnp.float32), want.astype(jnp.bfloat16).astype(jnp.float32),
+                             rtol=1e-2, atol=1e-2)
+
+
+def test_depthwise_is_computed_once_in_a_convnext_block():
+  """The block's LayerNorm reads the convolution three times (mean, mean of squares, normalisation):
+  compiled with sr_jax's options, the 49 taps appear once, not once per reader (144 without the
+  loop over channel blocks)."""
+  layer = DINOv3ConvNextLayer(128)
+  x = jnp.ones((1, 16, 16, 128))
+  params = layer.init(jax.random.key(0), x)
+  compiled = jax.jit(layer.apply, compiler_options=kernels.compiler_options()).lower(params, x)
+  hlo = compiled.compile().as_text()
+  taps = [line for line in hlo.splitlines()
+          if ' slice(' in line and line.split('=')[1].strip().startswith('f32[1,16,16,')]
+  assert len(taps) == 49, len(taps)
 
 
 @pytest.mark.parametrize('conv,shape', [(kernels.winograd_conv3x3, (1, 66, 66, 3)),
@@ -115,3 +146,15 @@ def test_chunked_attention_gradients_match_and_scores_are_recomputed():
   _, linear = jax.linearize(loss(chunked), q, k, v)
   kept = sum(c.size for c in jax.tree.leaves(linear) if hasattr(c, 'size'))
   assert kept < 2 * 64 * 48, kept
+
+
+def test_compiler_options_keep_dots_off_ynnpack_on_cpu():
+  options = kernels.compiler_options()
+  assert options == {'xla_cpu_experimental_ynn_fusion_type': ''}  # the tests run on the CPU
+  assert kernels.training_compiler_options() == {
+      **options, 'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}
+  dense_gelu = lambda a, b: jax.nn.gelu(a @ b + 1.0)
+  x = jnp.ones((64, 64))
+  hlo = lambda **kw: jax.jit(dense_gelu, **kw).lower(x, x).compile().as_text()
+  assert 'ynn_fusion' in hlo()  # jaxlib's default, slower on every model (benchmarks/RESULTS.md)
+  assert 'ynn_fusion' not in hlo(compiler_options=options)

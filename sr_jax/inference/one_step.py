@@ -31,6 +31,7 @@ from PIL import Image
 from sr_jax.diffusion import schedules
 from sr_jax.inference import color_fix, tiling
 from sr_jax.inference.tiled_vae import TiledVAE
+from sr_jax.models import kernels
 from sr_jax.models.unet import UNet2DConditionModel
 from sr_jax.models.vae import AutoencoderKL
 
@@ -155,7 +156,8 @@ class SuperResolver:
     batched = NamedSharding(self.mesh, P('data'))
     self.params = jax.device_put(model.params, NamedSharding(self.mesh, P()))
     self.latent_tile = settings.process_size // model.vae_factor
-    jit = lambda fn: jax.jit(fn, in_shardings=(None, batched), out_shardings=batched)
+    jit = lambda fn: jax.jit(fn, in_shardings=(None, batched), out_shardings=batched,
+                             compiler_options=kernels.compiler_options())
     self._encode = jit(lambda p, x: jnp.concatenate(
         model.vae.apply({'params': p}, x.astype(model.vae.dtype), method='encode'), axis=-1))
     self._decode = jit(lambda p, z: model.vae.apply(

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from sr_jax.models import kernels
 from sr_jax.models.layers import get_activation, upsample_nearest
 from sr_jax.models.vae import VAE_EPS, AutoencoderKL
 
@@ -283,10 +284,20 @@ def stage_compute(stage: Stage, net: Network, p, x, in_mask, stats, residual, kv
   raise ValueError(f'unknown stage kind {kind!r}')
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def run_stage(stage: Stage, net: Network, chunk: int, params, x, origins, valid_in, valid_out,
-              stats, residual, kv):
-  """Jitted tile batch of one stage -> (outputs zeroed outside the image, per-tile group moments)."""
+@functools.cache
+def _jitted_stage() -> Callable:
+  # Built on first use: the compiler options depend on the backend, unknown at import.
+  return jax.jit(_stage_tiles, static_argnums=(0, 1, 2), compiler_options=kernels.compiler_options())
+
+
+def run_stage(*args):
+  """Jitted :func:`_stage_tiles`."""
+  return _jitted_stage()(*args)
+
+
+def _stage_tiles(stage: Stage, net: Network, chunk: int, params, x, origins, valid_in, valid_out,
+                 stats, residual, kv):
+  """Tile batch of one stage -> (outputs zeroed outside the image, per-tile group moments)."""
   halo_lo = stage.halo[0]
   in_mask = valid_mask(origins, x.shape[1:3], valid_in)
   kv = None if kv is None else (*kv, chunk)

@@ -9,8 +9,8 @@ exactly the lax / cuDNN ops:
 * :func:`conv_general_dilated` is a drop-in for ``lax.conv_general_dilated`` that Flax's ``nn.Conv``
   takes as its ``conv_general_dilated`` attribute, so modules, param names and LoRA interception are
   unchanged. On CPU it computes
-  - depthwise convolutions (ConvNeXt's 7x7) as a sum of shifted multiply-adds: Eigen has no depthwise
-    kernel and was ~14x slower;
+  - depthwise convolutions (ConvNeXt's 7x7) as a sum of shifted multiply-adds, one block of channels
+    per loop step: Eigen has no depthwise kernel and was ~14x slower;
   - stride-1 float32 convolutions over at most ``PATCH_MATMUL_MAX_PIXELS`` output pixels (the UNet's
     16x16 and 8x8 levels, 1280-2560 channels) as one matmul of the image patches (im2col): there
     the matmul was 1.4-3.5x faster than XLA's direct convolution;
@@ -22,6 +22,9 @@ exactly the lax / cuDNN ops:
   The thresholds come from per-shape and whole-model timings on the 2-core development VM
   (benchmarks/RESULTS.md): elsewhere (the UNet's 64x64 and 32x32 levels) XLA's own convolution was
   the fastest of the three.
+* :func:`compiler_options` are the XLA options to compile model code with (``jax.jit(...,
+  compiler_options=...)``): on CPU they keep XLA from handing fused dot/elementwise subgraphs to
+  YNNPACK, which was 4-7% slower on every model here.
 * :func:`dot_product_attention` keeps cuDNN on GPU and otherwise runs matmuls over (head, query
   block) steps (``lax.map``), so a step's keys, values and float32 scores stay cache-sized and XLA
   never rearranges a score-sized tensor; the softmax is exact (max-subtracted, float32). Like flash
@@ -47,6 +50,8 @@ PATCH_MATMUL_MAX_PIXELS = 256
 WINOGRAD_MIN_PIXELS = 128 * 128
 # CPU attention block: about this many float32 scores (8 MiB) per (head, query block) step.
 ATTENTION_CHUNK_SCORES = 1 << 21
+# Depthwise convolution: channels per loop step (64 float32 = one 256-byte run per pixel).
+DEPTHWISE_CHANNEL_BLOCK = 64
 
 # F(2x2, 3x3) transforms: kernel G, input B^T and output A^T (Lavin & Gray 2016, Eq. 7-8).
 _WINOGRAD_G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float32)
@@ -57,15 +62,30 @@ def on_cpu() -> bool:
   return jax.default_backend() == 'cpu'
 
 
+def compiler_options() -> dict[str, Any]:
+  """XLA options for compiling model code on this backend (``jax.jit(..., compiler_options=...)``
+  or ``Lowered.compile``); empty off the CPU.
+
+  jaxlib 0.10's XLA:CPU hands dots together with their elementwise neighbours to YNNPACK, which
+  needs its operands materialised: biases broadcast to full activations, shifted copies of the
+  depthwise input. With that off (dots then run on XLA's own kernels) every jitted forward pass was
+  faster on the 2-core VM (medians of 3-8 interleaved calls): SD2.1 UNet 5.06 vs 5.33 s, VAE encode
+  5.63 vs 5.86 s, decode 11.1 vs 11.7 s, ConvNeXt-L 1.93 vs 2.07 s. An empty list disables it.
+  """
+  return {'xla_cpu_experimental_ynn_fusion_type': ''} if on_cpu() else {}
+
+
 def training_compiler_options() -> dict[str, Any]:
-  """XLA options for compiling a training step on this backend (pass to ``Lowered.compile``).
+  """:func:`compiler_options` for a training step: on CPU also the memory-optimised scheduler.
 
   XLA:CPU's default scheduler orders ops for thread concurrency and hoists the rematerialised
   forward blocks to the start of the backward pass, so ``jax.checkpoint`` saved little: the SD VAE
   decoder's gradient at 512² needed 6.3 GiB of temporaries with per-block remat, 3.7 GiB with the
   memory-optimised schedule. GPU and TPU schedule for memory already.
   """
-  return {'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'} if on_cpu() else {}
+  if not on_cpu():
+    return {}
+  return {**compiler_options(), 'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}
 
 
 def _is_nhwc_hwio(dimension_numbers: Any, ndim: int) -> bool:
@@ -118,18 +138,46 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
 def depthwise_conv(x: jax.Array, kernel: jax.Array,
                    padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
   """Stride-1 depthwise convolution, NHWC input and (kh, kw, 1, C) kernel, as shifted
-  multiply-adds (one XLA fusion), accumulated in float32 at least."""
+  multiply-adds accumulated in float32 at least, one block of channels per loop step.
+
+  The loop is what makes XLA keep the result: written as one expression, XLA fused the 49
+  multiply-adds into each consumer (ConvNeXt's LayerNorm: mean, mean of squares, normalisation) and
+  so computed the convolution three times (a stage-3 ConvNeXt-L block: 66 ms, 55 ms with the loop).
+  Each kernel row is summed on its own and the rows pairwise: one chain of 49 dependent adds kept
+  the CPU waiting on each add's latency (32x32x768: 3.6 ms, 2.8 ms summed by rows).
+  """
   kh, kw = kernel.shape[:2]
   acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
   xp = jnp.pad(x.astype(acc_dtype), ((0, 0), padding[0], padding[1], (0, 0)))
   h, w = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
   k = kernel.astype(acc_dtype)
-  out = None
-  for i in range(kh):
-    for j in range(kw):
-      term = xp[:, i:i + h, j:j + w, :] * k[i, j, 0]
-      out = term if out is None else out + term
+  channels = x.shape[-1]
+  block = _channel_block(channels)
+
+  def conv_block(index, out):
+    xs = lax.dynamic_slice_in_dim(xp, index * block, block, axis=3)
+    ks = lax.dynamic_slice_in_dim(k, index * block, block, axis=3)
+    rows = []
+    for i in range(kh):
+      row = xs[:, i:i + h, :w, :] * ks[i, 0, 0]
+      for j in range(1, kw):
+        row = row + xs[:, i:i + h, j:j + w, :] * ks[i, j, 0]
+      rows.append(row)
+    while len(rows) > 1:  # pairwise, so the rows' sums do not wait on one another
+      rows = [rows[r] + rows[r + 1] if r + 1 < len(rows) else rows[r]
+              for r in range(0, len(rows), 2)]
+    return lax.dynamic_update_slice_in_dim(out, rows[0], index * block, axis=3)
+
+  out = jnp.zeros(x.shape[:1] + (h, w, channels), acc_dtype)
+  out = lax.fori_loop(0, channels // block, conv_block, out)
   return out.astype(jnp.result_type(x.dtype, kernel.dtype))
+
+
+def _channel_block(channels: int) -> int:
+  """The largest divisor of ``channels`` up to DEPTHWISE_CHANNEL_BLOCK that leaves >= 2 blocks (XLA
+  drops a one-step loop, and with it the materialisation)."""
+  limit = min(DEPTHWISE_CHANNEL_BLOCK, max(1, channels // 2))
+  return next(d for d in range(limit, 0, -1) if channels % d == 0)
 
 
 def patch_matmul_conv(x: jax.Array, kernel: jax.Array,
