@@ -80,7 +80,7 @@ def build(args):
            num_train_timesteps=1000))[T_STAR])
   sf = vae_cfg.get('scaling_factor', 0.18215)
   model = one_step.OneStepModel(unet, vae, params, T_STAR, alpha_bar, sf)
-  jax_fn = mvt._jit(  # pylint: disable=protected-access
+  jax_fn = mvt.jit_model(
       lambda p, x, n: one_step.one_step_sr(model, p, x, n, args.micro_batch or None))
   tdtype = getattr(torch, args.dtype) if args.device == 'cpu' else torch.float32
   ref_unet, ref_vae = ref_unet.to(tdtype), ref_vae.to(tdtype)

@@ -110,7 +110,7 @@ def _convert(torch_model, flax_model, strip_prefix: str = '', dtype=None,
   return jax.device_put(params)
 
 
-def _jit(fn: Callable) -> Callable:
+def jit_model(fn: Callable) -> Callable:
   """``jax.jit`` with the options sr_jax compiles its models with (kernels.compiler_options)."""
   from sr_jax.models import kernels
   return jax.jit(fn, compiler_options=kernels.compiler_options())
@@ -164,7 +164,7 @@ class _Builder:
     context = self.rng.standard_normal((self.batch, 77, 1024)).astype(np.float32)
     s, t, c = self._ref_inputs(sample, timesteps, context)
     ts, tt, tc = _nchw(s, self.tdtype), torch.from_numpy(t), torch.from_numpy(c).to(self.tdtype)
-    jax_fn = _jit(lambda p, *a: model.apply({'params': p}, *a))
+    jax_fn = jit_model(lambda p, *a: model.apply({'params': p}, *a))
     return Workload('unet', jax_fn, params, (sample, timesteps, context),
                     self._run_torch(lambda: [_nhwc(ref(ts, tt, tc).sample)]),
                     'SD2.1-base UNet, 64x64x4 latent, 77x1024 context', self.verify_first)
@@ -189,7 +189,7 @@ class _Builder:
     def torch_fn():
       dist = ref.encode(x).latent_dist
       return [_nhwc(dist.mean), _nhwc(dist.logvar)]
-    jax_fn = _jit(lambda p, a: model.apply({'params': p}, a, method='encode'))
+    jax_fn = jit_model(lambda p, a: model.apply({'params': p}, a, method='encode'))
     return Workload('vae_encode', jax_fn, params, (images,), self._run_torch(torch_fn),
                     'SD2.1-base VAE encoder, 512x512 image -> 64x64 mean, logvar', self.verify_first)
 
@@ -197,7 +197,7 @@ class _Builder:
     ref, model, params = self._vae('decoder')
     latents = self.rng.standard_normal((self.batch, 64, 64, 4)).astype(np.float32)
     z = _nchw(self._ref_inputs(latents)[0], self.tdtype)
-    jax_fn = _jit(lambda p, a: model.apply({'params': p}, a, method='decode'))
+    jax_fn = jit_model(lambda p, a: model.apply({'params': p}, a, method='decode'))
     return Workload('vae_decode', jax_fn, params, (latents,),
                     self._run_torch(lambda: [_nhwc(ref.decode(z).sample)]),
                     'SD2.1-base VAE decoder, 64x64 latent -> 512x512', self.verify_first)
@@ -224,7 +224,7 @@ class _Builder:
         h = stage(h)
         outs.append(_nhwc(h))
       return outs
-    jax_fn = _jit(lambda p, a: model.apply({'params': p}, a, 3))
+    jax_fn = jit_model(lambda p, a: model.apply({'params': p}, a, 3))
     return Workload('convnext', jax_fn, params, (images,), self._run_torch(torch_fn),
                     'DINOv3-ConvNeXt-L, first 3 stages, 512x512 image', self.verify_first)
 

@@ -324,8 +324,8 @@ class Transformer2DModel(nn.Module):
     hidden = _group_norm(self.norm_num_groups, 1e-6, self.dtype, self.param_dtype, 'norm')(x)
     hidden = self._projection(inner, 'proj_in')(hidden)
     hidden = hidden.reshape(b, h * w, inner)
+    block = maybe_remat(BasicTransformerBlock, self.remat)
     for i in range(self.num_layers):
-      block = maybe_remat(BasicTransformerBlock, self.remat)
       hidden = block(self.heads, self.dim_head, dtype=self.dtype, param_dtype=self.param_dtype,
                      name=f'transformer_blocks_{i}')(hidden, context)
     hidden = hidden.reshape(b, h, w, inner)
