@@ -10,7 +10,7 @@ against each other before timing. Calls alternate between the frameworks.
 
   python benchmarks/inference.py --batches 1                          # CPU: batch 1 latency
   python benchmarks/inference.py --batches 8 --repeats 1 --micro-batch 2   # CPU (24 GiB): batch 8
-  python benchmarks/inference.py --device gpu --dtype bfloat16 --batches 1,8 --no-torch
+  python benchmarks/inference.py --device gpu --dtype bfloat16 --batches 1,8 --torch-device cuda
 
 GPU: ms/img and MFU from 4.40 TFLOP per image (performance-and-style.md).
 """
@@ -38,7 +38,9 @@ def parse_args(argv=None):
   p.add_argument('--device', choices=('cpu', 'gpu'), default='cpu')
   p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32')
   p.add_argument('--threads', type=int, default=os.cpu_count(), help='torch intra-op threads')
-  p.add_argument('--no-torch', action='store_true', help='JAX only (e.g. on a GPU)')
+  p.add_argument('--no-torch', action='store_true', help='JAX only')
+  p.add_argument('--torch-device', choices=('cpu', 'cuda'), default='cpu',
+                 help='where PyTorch runs; on cuda in --dtype, on the CPU in fp32 unless --device cpu')
   p.add_argument('--micro-batch', type=int, default=0,
                  help='JAX runs batches this many images at a time (lax.map; 0 = whole batch); on a '
                       '24 GiB CPU machine batch 8 at 512² needs 2')
@@ -82,21 +84,23 @@ def build(args):
   model = one_step.OneStepModel(unet, vae, params, T_STAR, alpha_bar, sf)
   jax_fn = mvt.jit_model(
       lambda p, x, n: one_step.one_step_sr(model, p, x, n, args.micro_batch or None))
-  tdtype = getattr(torch, args.dtype) if args.device == 'cpu' else torch.float32
-  ref_unet, ref_vae = ref_unet.to(tdtype), ref_vae.to(tdtype)
-  tprompt = torch.from_numpy(prompt).to(tdtype)
+  on_cuda = args.torch_device == 'cuda'
+  tdtype = getattr(torch, args.dtype) if args.device == 'cpu' or on_cuda else torch.float32
+  tdev = torch.device(args.torch_device)
+  ref_unet, ref_vae = ref_unet.to(tdev, tdtype), ref_vae.to(tdev, tdtype)
+  tprompt = torch.from_numpy(prompt).to(tdev, tdtype)
+  as_torch = lambda a: torch.from_numpy(a.transpose(0, 3, 1, 2).copy()).to(tdev, tdtype)
 
   def torch_fn(images, noise):
     with torch.inference_mode():
-      x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(tdtype)
-      dist = ref_vae.encode(x).latent_dist
-      z = (dist.mean + dist.std * torch.from_numpy(noise.transpose(0, 3, 1, 2).copy()).to(tdtype))
+      dist = ref_vae.encode(as_torch(images)).latent_dist
+      z = dist.mean + dist.std * as_torch(noise)
       z = z * sf
       b = z.shape[0]
-      eps = ref_unet(z, torch.full((b,), T_STAR), tprompt.expand(b, -1, -1)).sample
+      eps = ref_unet(z, torch.full((b,), T_STAR, device=tdev), tprompt.expand(b, -1, -1)).sample
       z0 = (z - (1 - alpha_bar) ** 0.5 * eps) / alpha_bar ** 0.5
       out = ref_vae.decode(z0 / sf).sample.clamp(-1, 1)
-      return out.float().numpy().transpose(0, 2, 3, 1)
+      return out.float().cpu().numpy().transpose(0, 2, 3, 1)  # .cpu() waits for the GPU
   return jax_fn, params, torch_fn
 
 
@@ -157,6 +161,7 @@ def main(argv=None):
   import models_vs_torch as mvt
   mvt._import_frameworks(args)  # pylint: disable=protected-access  # its module globals, torch threads
   import jax
+  args.peak_tflops = mvt._peak_tflops(args)  # pylint: disable=protected-access  # device_kind -> peak
   env = mvt.environment()
   print(f"{env['cpu']} x{env['cores']}, JAX device {env['device']}, {args.dtype}", flush=True)
   start = time.perf_counter()

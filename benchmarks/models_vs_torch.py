@@ -37,6 +37,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from typing import Any, Callable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -351,6 +352,12 @@ def markdown_table(results: list[dict], env: dict, args) -> str:
   return head + '\n'.join(rows) + '\n'
 
 
+def _write_json(path: str, env: dict, args, results: list[dict]) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(dict(environment=env, args=vars(args), results=results), f, indent=2)
+
+
 def main(argv=None) -> None:
   args = parse_args(argv)
   _import_frameworks(args)
@@ -363,12 +370,18 @@ def main(argv=None) -> None:
   builder, results = _Builder(args), []
   for name in args.only:
     t0 = time.perf_counter()
-    w = getattr(builder, name)()
-    print(f'[{name}] built and converted in {time.perf_counter() - t0:.1f} s', flush=True)
-    r = run_workload(w, args)
-    del w
-    gc.collect()
+    try:  # one workload failing (e.g. out of memory on a small GPU) must not lose the others
+      w = getattr(builder, name)()
+      print(f'[{name}] built and converted in {time.perf_counter() - t0:.1f} s', flush=True)
+      r = run_workload(w, args)
+    except Exception:  # pylint: disable=broad-except
+      print(f'[{name}] FAILED:\n{traceback.format_exc()}', flush=True)
+      continue
+    finally:
+      w = None
+      gc.collect()
     results.append(r)
+    _write_json(args.out, env, args, results)  # after each workload, so a killed run keeps its figures
     ratio = r.get('ratio_jax_over_torch')
     print(f"[{name}] JAX {r['jax_median_s']:.3f} s ({r['ms_per_img']:.1f} ms/img, "
           f"{r['jax_tflops']:.3f} TFLOP/s{', MFU %.1f%%' % (100 * r['mfu']) if 'mfu' in r else ''})"
@@ -378,9 +391,7 @@ def main(argv=None) -> None:
           f"XLA {r['xla_tflop_per_img']:.3f} TFLOP/img", flush=True)
   table = markdown_table(results, env, args)
   print('\n' + table)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, 'w') as f:
-    json.dump(dict(environment=env, args=vars(args), results=results), f, indent=2)
+  _write_json(args.out, env, args, results)
   print(f'wrote {args.out}')
   if args.append_results:
     with open(args.append_results, 'a') as f:

@@ -6,6 +6,7 @@ import pytest
 from jax import lax
 
 from sr_jax.models import kernels
+from sr_jax.models import layers
 from sr_jax.models.dinov3 import DINOv3ConvNextLayer
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
@@ -158,3 +159,15 @@ def test_compiler_options_keep_dots_off_ynnpack_on_cpu():
   hlo = lambda **kw: jax.jit(dense_gelu, **kw).lower(x, x).compile().as_text()
   assert 'ynn_fusion' in hlo()  # jaxlib's default, slower on every model (benchmarks/RESULTS.md)
   assert 'ynn_fusion' not in hlo(compiler_options=options)
+
+
+def test_cudnn_attention_only_for_half_precision_and_even_sequence_lengths(monkeypatch):
+  # cuDNN's flash backward refuses odd lengths (the UNet's 77 text tokens): seen on an H200, jax 0.11.
+  monkeypatch.setattr(layers.jax, 'default_backend', lambda: 'gpu')
+  assert layers.attention_implementation(jnp.bfloat16, 64, 4096, 4096) == 'cudnn'
+  assert layers.attention_implementation(jnp.float16, 64, 1024, 78) == 'cudnn'
+  assert layers.attention_implementation(jnp.bfloat16, 64, 4096, 77) is None
+  assert layers.attention_implementation(jnp.bfloat16, 512, 4096, 4096) is None  # VAE mid-block
+  assert layers.attention_implementation(jnp.float32, 64, 4096, 4096) is None
+  monkeypatch.setattr(layers.jax, 'default_backend', lambda: 'cpu')
+  assert layers.attention_implementation(jnp.bfloat16, 64, 4096, 4096) is None

@@ -62,10 +62,17 @@ def conv_padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
   return ((p, p), (p, p))
 
 
-def attention_implementation(dtype: Dtype, head_dim: int) -> str | None:
-  """cuDNN fused attention on GPU for half-precision compute and head dims it supports, else XLA."""
+def attention_implementation(dtype: Dtype, head_dim: int, q_len: int, kv_len: int) -> str | None:
+  """cuDNN fused attention on GPU for half-precision compute and shapes it supports, else XLA.
+
+  cuDNN's flash backward refuses odd sequence lengths (jax 0.11 on an H200: "Unsupported sequence
+  length Q 4096, KV 77" when differentiating the UNet's cross-attention over 77 text tokens), and a
+  layer cannot know whether it is differentiated, so odd lengths go to XLA; attention over 77 keys
+  is a small part of the UNet's work.
+  """
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-  if half and jax.default_backend() == 'gpu' and head_dim % 8 == 0 and head_dim <= 128:
+  if (half and jax.default_backend() == 'gpu' and head_dim % 8 == 0 and head_dim <= 128
+      and q_len % 2 == 0 and kv_len % 2 == 0):
     return 'cudnn'
   return None
 
@@ -235,7 +242,7 @@ class Attention(nn.Module):
     split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, self.dim_head)
     out = kernels.dot_product_attention(
         split(q), split(k), split(v),
-        implementation=attention_implementation(q.dtype, self.dim_head))
+        implementation=attention_implementation(q.dtype, self.dim_head, q.shape[1], k.shape[1]))
     out = out.reshape(out.shape[0], out.shape[1], inner)
     out = dense(spatial_shape[-1], use_bias=self.out_bias, name='to_out_0')(out)
     out = out.reshape(spatial_shape)

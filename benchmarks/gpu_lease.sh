@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The GPU benchmarks of issues 2, 4 and 5 in one call on a lent GPU machine (see CONTRIBUTING.md):
+#   bash benchmarks/gpu_lease.sh            # writes logs and JSON under $OUT (default benchmarks/out/gpu)
+#   STAGES="models train" UNET_ONLY=1 TRAIN_BATCH=8 bash benchmarks/gpu_lease.sh   # a subset
+# Each stage runs in its own process under its own time limit, so one failure or overrun keeps the
+# others' figures. Missing pure-Python packages travel as wheels in .whl/ (installed to /tmp/site).
+set -u
+OUT=${OUT:-benchmarks/out/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv
+python3 -c "import jax, flax, optax, torch, diffusers, transformers; print('jax', jax.__version__, \
+'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'diffusers', \
+diffusers.__version__, 'transformers', transformers.__version__, jax.devices())"
+
+stage() {  # stage NAME SECONDS CMD...
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  echo "=== $name (limit ${limit} s)"
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "=== $name: exit $? after $((SECONDS - t0)) s"
+  grep -v "^WARNING\|^I0000\|^E0000\|^W0000" "$OUT/$name.log" | tail -n 25
+}
+
+STAGES=${STAGES:-models inference train}
+for s in $STAGES; do
+  case $s in
+    models) stage models 230 python3 benchmarks/models_vs_torch.py --device gpu --dtype bfloat16 \
+      --batch 8 --repeats 10 ${UNET_ONLY:+--only unet} --out "$OUT/models_gpu.json" ;;
+    inference) stage inference 150 python3 benchmarks/inference.py --device gpu --dtype bfloat16 \
+      --batches ${INFER_BATCHES:-1,8} --repeats 10 --torch-device cuda --out "$OUT/inference_gpu.json" ;;
+    train) stage train 220 python3 benchmarks/train_step.py --batch ${TRAIN_BATCH:-4} \
+      --dtype bfloat16 --steps 5 --out "$OUT/train_step_gpu.json" ;;
+  esac
+done
