@@ -48,6 +48,10 @@ def test_conv_dispatch_picks_each_path_by_size_and_channels_and_matches_lax(monk
   np.testing.assert_allclose(_dispatch(small, k1x3, ((0, 0), (2, 0)))(),
                              _lax_conv(small, k1x3, ((0, 0), (2, 0))), **TOL)
 
+  monkeypatch.setattr(kernels, 'PATCH_MATMUL_MAX_ELEMENTS', 63 * 9 * 4 - 1)  # too many channels
+  assert 'conv_general_dilated' in _primitives(_dispatch(small, k, pad))
+  monkeypatch.undo()
+
   big = jax.random.normal(jax.random.key(4), (1, 20, 20, 4))    # 400 pixels: lax
   assert 'conv_general_dilated' in _primitives(_dispatch(big, k, pad))
   monkeypatch.setattr(kernels, 'WINOGRAD_MIN_PIXELS', 400)      # a small model of the VAE rule

@@ -195,12 +195,13 @@ def group_moments(y: jax.Array, mask: jax.Array, groups: int) -> jax.Array:
   ``E[x^2] - E[x]^2`` would cancel."""
   b, h, w, c = y.shape
   size = c // groups
-  weight = jnp.broadcast_to(mask, (b, h, w, 1)).astype(jnp.float32)[..., None]
+  weight = jnp.broadcast_to(mask, (b, h, w, 1)).astype(jnp.float32)  # 0/1, so weight^2 = weight
   y = y.astype(jnp.float32).reshape(b, h, w, groups, size)
-  count = jnp.broadcast_to(weight.sum(axis=(1, 2, 4)) * size, (b, groups))
-  mean = (y * weight).sum(axis=(1, 2, 4)) / jnp.maximum(count, 1.0)
-  dev = (y - mean[:, None, None, :, None]) * weight
-  return jnp.stack([count, mean, (dev * dev).sum(axis=(1, 2, 4))], axis=-1)
+  # Each sum runs over the group's channels (the minor axis) first: see layers.group_norm_moments.
+  count = jnp.broadcast_to(weight.sum(axis=(1, 2)) * size, (b, groups))
+  mean = (y.sum(axis=-1) * weight).sum(axis=(1, 2)) / jnp.maximum(count, 1.0)
+  dev = y - mean[:, None, None, :, None]
+  return jnp.stack([count, mean, ((dev * dev).sum(axis=-1) * weight).sum(axis=(1, 2))], axis=-1)
 
 
 def combine_moments(parts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

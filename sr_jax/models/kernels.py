@@ -12,8 +12,9 @@ exactly the lax / cuDNN ops:
   - depthwise convolutions (ConvNeXt's 7x7) as a sum of shifted multiply-adds, one block of channels
     per loop step: Eigen has no depthwise kernel and was ~14x slower;
   - stride-1 float32 convolutions over at most ``PATCH_MATMUL_MAX_PIXELS`` output pixels (the UNet's
-    16x16 and 8x8 levels, 1280-2560 channels) as one matmul of the image patches (im2col): there
-    the matmul was 1.4-3.5x faster than XLA's direct convolution;
+    16x16 and 8x8 levels) with a patch matrix of at most ``PATCH_MATMUL_MAX_ELEMENTS`` as one matmul
+    of the image patches (im2col): 1.4-3.5x faster than XLA's convolution when YNNPACK took the
+    dots, 0-6% since :func:`compiler_options` turns YNNPACK off;
   - stride-1 3x3 float32 convolutions over at least ``WINOGRAD_MIN_PIXELS`` output pixels (the VAE
     at 128² and above) with Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray 2016): 16
     batched matmuls instead of 36 multiply-adds per output 2x2 tile. The transforms only add and
@@ -43,10 +44,14 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 # Per-image output sizes (H x W) where the CPU paths beat XLA's convolution (measured, fp32, batch 1):
-# patches-matmul up to 16x16 (8x8 1280->1280: 12 ms vs 42 ms); Winograd from 128x128 (the SD VAE
+# patches-matmul up to 16x16 (8x8 1280->1280: 12 ms vs 42 ms with YNNPACK's dots, 13 vs 13 ms
+# without); Winograd from 128x128 (the SD VAE
 # decoder: 11.8 s vs 13.1 s with XLA's convolution below 512 channels); at the UNet's 64x64 level
 # XLA's convolution was ~10% faster than Winograd.
 PATCH_MATMUL_MAX_PIXELS = 256
+# ... and while the patch matrix stays below this many elements (17 MiB fp32): at 16x16 with 2560
+# input channels XLA's convolution was faster (88 vs 104 ms), with 1920 the matmul (61 vs 63 ms).
+PATCH_MATMUL_MAX_ELEMENTS = 256 * 9 * 1920
 WINOGRAD_MIN_PIXELS = 128 * 128
 # CPU attention block: about this many float32 scores (8 MiB) per (head, query block) step.
 ATTENTION_CHUNK_SCORES = 1 << 21
@@ -124,7 +129,9 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
     out_pixels = ((lhs.shape[1] + sum(padding[0]) - rhs.shape[0] + 1)
                   * (lhs.shape[2] + sum(padding[1]) - rhs.shape[1] + 1))
     dense = feature_group_count == 1 and lhs.dtype == rhs.dtype == jnp.float32
-    if dense and rhs.shape[:2] != (1, 1) and out_pixels <= PATCH_MATMUL_MAX_PIXELS:
+    patch_elements = out_pixels * rhs.shape[0] * rhs.shape[1] * channels
+    if (dense and rhs.shape[:2] != (1, 1) and out_pixels <= PATCH_MATMUL_MAX_PIXELS
+        and patch_elements <= PATCH_MATMUL_MAX_ELEMENTS):
       return patch_matmul_conv(lhs, rhs, padding, precision)
     if dense and rhs.shape[:2] == (3, 3) and out_pixels >= WINOGRAD_MIN_PIXELS:
       return winograd_conv3x3(lhs, rhs, padding, precision)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from jax import lax
 
 from sr_jax.models import kernels
 
@@ -114,8 +115,49 @@ class TimestepEmbedding(nn.Module):
     return x
 
 
-def _group_norm(groups: int, eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.GroupNorm:
-  return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name)
+def group_norm_moments(x: jax.Array, groups: int) -> tuple[jax.Array, jax.Array]:
+  """float32 mean and variance of each (sample, channel group) of channels-last ``x``: (B, groups).
+
+  Summed per position over the group's channels first (the minor, contiguous axis), then over the
+  positions, both sums in one pass: XLA:CPU reduces a non-minor axis at a fraction of memory speed,
+  and a single reduction over (positions, channels in group), as ``nn.GroupNorm`` does, is one
+  (64x64x320 GroupNorm + SiLU: 4.3 ms, vs 0.6 ms for these statistics). The variance is
+  ``E[x^2] - E[x]^2`` clamped at 0, as ``nn.GroupNorm``'s default ``use_fast_variance``.
+  """
+  b, c = x.shape[0], x.shape[-1]
+  if c % groups:
+    raise ValueError(f'GroupNorm: {c} channels do not split into {groups} groups')
+  xg = x.astype(jnp.float32).reshape(b, -1, groups, c // groups)
+  sums = jnp.stack([xg.sum(-1), (xg * xg).sum(-1)], axis=-1).sum(axis=1)  # (B, groups, 2)
+  count = xg.shape[1] * xg.shape[3]
+  mean, mean_sq = sums[..., 0] / count, sums[..., 1] / count
+  return mean, jnp.maximum(mean_sq - mean * mean, 0.0)
+
+
+class GroupNorm(nn.Module):
+  """``nn.GroupNorm`` over channels-last input (same ``scale``/``bias`` params, same arithmetic:
+  ``(x - mean) * (rsqrt(var + eps) * scale) + bias`` in float32, cast to ``dtype``), with statistics
+  from :func:`group_norm_moments`."""
+  num_groups: int = 32
+  epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (c,), self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros, (c,), self.param_dtype)
+    mean, var = group_norm_moments(x, self.num_groups)
+    per_channel = lambda v: jnp.repeat(v, c // self.num_groups, axis=-1).reshape(
+        (x.shape[0],) + (1,) * (x.ndim - 2) + (c,))
+    mul = per_channel(lax.rsqrt(var + self.epsilon)) * scale.astype(jnp.float32)
+    y = (x.astype(jnp.float32) - per_channel(mean)) * mul + bias.astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+def _group_norm(groups: int, eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> GroupNorm:
+  return GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class ResnetBlock2D(nn.Module):

@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from sr_jax.models.layers import (Conv, Downsample2D, ResnetBlock2D, TimestepEmbedding, maybe_remat,
+from sr_jax.models.layers import (Conv, Downsample2D, GroupNorm, ResnetBlock2D, TimestepEmbedding,
                                   Transformer2DModel, Upsample2D, conv_padding, get_activation,
-                                  timestep_embedding)
+                                  maybe_remat, timestep_embedding)
 
 Dtype = Any
 _log = logging.getLogger(__name__)
@@ -370,8 +370,8 @@ class UNet2DConditionModel(nn.Module):
           transformer_layers=self.transformer_layers_per_block[level], name=f'up_blocks_{i}',
           **self._block_kwargs(level))(x, block_skips, temb, context, upsample_size)
 
-    x = nn.GroupNorm(num_groups=self.norm_num_groups, epsilon=self.norm_eps, dtype=self.dtype,
-                     param_dtype=self.param_dtype, name='conv_norm_out')(x)
+    x = GroupNorm(num_groups=self.norm_num_groups, epsilon=self.norm_eps, dtype=self.dtype,
+                  param_dtype=self.param_dtype, name='conv_norm_out')(x)
     x = get_activation(self.act_fn)(x)
     return conv(self.out_channels, (self.conv_out_kernel,) * 2,
                 padding=conv_padding(self.conv_out_kernel), name='conv_out')(x)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from sr_jax.models.layers import (Attention, Conv, Downsample2D, ResnetBlock2D, Upsample2D,
+from sr_jax.models.layers import (Attention, Conv, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D,
                                   get_activation, maybe_remat)
 
 Dtype = Any
@@ -96,8 +96,8 @@ class _VAEModule(nn.Module):
                    param_dtype=self.param_dtype, name=name)
 
   def _norm_act(self, x: jax.Array, name: str) -> jax.Array:
-    x = nn.GroupNorm(num_groups=self.norm_num_groups, epsilon=VAE_EPS, dtype=self.dtype,
-                     param_dtype=self.param_dtype, name=name)(x)
+    x = GroupNorm(num_groups=self.norm_num_groups, epsilon=VAE_EPS, dtype=self.dtype,
+                  param_dtype=self.param_dtype, name=name)(x)
     return get_activation(self.act_fn)(x)
 
 
