@@ -175,3 +175,10 @@ def test_cudnn_attention_only_for_half_precision_and_even_sequence_lengths(monke
   assert layers.attention_implementation(jnp.float32, 64, 4096, 4096) is None
   monkeypatch.setattr(layers.jax, 'default_backend', lambda: 'cpu')
   assert layers.attention_implementation(jnp.bfloat16, 64, 4096, 4096) is None
+
+
+@pytest.mark.parametrize('n', [77, 256, 4096, 384])
+def test_row_max_equals_max_over_the_last_axis(n):
+  x = jax.random.normal(jax.random.key(n), (3, 5, n))
+  x = x.at[1, 2, n // 3].set(50.0)  # the max inside one slice, away from the first
+  np.testing.assert_array_equal(kernels.row_max(x), x.max(axis=-1))

@@ -55,6 +55,8 @@ PATCH_MATMUL_MAX_ELEMENTS = 256 * 9 * 1920
 WINOGRAD_MIN_PIXELS = 128 * 128
 # CPU attention block: about this many float32 scores (8 MiB) per (head, query block) step.
 ATTENTION_CHUNK_SCORES = 1 << 21
+# Row max over the keys: elementwise maximum of slices this wide (128-256 were equally fast).
+ROW_MAX_SLICE = 128
 # Depthwise convolution: channels per loop step (64 float32 = one 256-byte run per pixel).
 DEPTHWISE_CHANNEL_BLOCK = 64
 
@@ -275,6 +277,17 @@ def _winograd_batch(x: jax.Array, kernel: jax.Array,
   return y.reshape(b, 2 * th, 2 * tw, cout)[:, :out_h, :out_w]
 
 
+def row_max(x: jax.Array, width: int = ROW_MAX_SLICE) -> jax.Array:
+  """``x.max(axis=-1)``, exactly, as the elementwise maximum of ``width``-wide column slices, then
+  the max over ``width``: XLA:CPU does not vectorise a max reduction along the minor axis (NaN
+  propagation), but does an elementwise maximum (512 x 4096 scores: 0.30 vs 1.0 ms)."""
+  n = x.shape[-1]
+  if n % width or n < 2 * width:
+    return x.max(axis=-1)
+  slices = [lax.slice_in_dim(x, i, i + width, axis=x.ndim - 1) for i in range(0, n, width)]
+  return functools.reduce(jnp.maximum, slices).max(axis=-1)
+
+
 def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                           implementation: str | None = None) -> jax.Array:
   """``jax.nn.dot_product_attention`` (B, L, heads, D) layout, scale ``D ** -0.5``, no mask.
@@ -310,7 +323,8 @@ def chunked_attention(query: jax.Array, key: jax.Array, value: jax.Array,
     index, q_block = step
     k_head, v_head = k[index // blocks], v[index // blocks]
     scores = jnp.einsum('qd,kd->qk', q_block, k_head, preferred_element_type=jnp.float32)
-    weights = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
+    # The max only keeps exp in range; softmax does not depend on it (so no gradient through it).
+    weights = jnp.exp(scores - lax.stop_gradient(row_max(scores))[:, None])
     out = jnp.einsum('qk,kd->qd', weights.astype(v.dtype), v_head,
                      preferred_element_type=jnp.float32)
     return (out / weights.sum(axis=-1, keepdims=True)).astype(query.dtype)
