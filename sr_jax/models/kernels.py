@@ -28,7 +28,8 @@ exactly the lax / cuDNN ops:
   YNNPACK, which was 4-7% slower on every model here.
 * :func:`dot_product_attention` keeps cuDNN on GPU and otherwise runs matmuls over (head, query
   block) steps (``lax.map``), so a step's keys, values and float32 scores stay cache-sized and XLA
-  never rearranges a score-sized tensor; the softmax is exact (max-subtracted, float32). Like flash
+  never rearranges a score-sized tensor; the softmax is exact (max-subtracted, float32; the max via
+  :func:`row_max`, since XLA:CPU does not vectorise a max reduction). Like flash
   attention, the backward pass recomputes each chunk's scores instead of keeping them: kept, the
   SD2.1 UNet's five 4096-token self-attentions hold ~3 GiB of float32 scores per 512² image.
 """
