@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sr_jax.models.layers import Conv, maybe_remat
+from sr_jax.models.layers import Conv, gelu_exact, maybe_remat
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -67,7 +67,7 @@ class DINOv3ConvNextLayer(nn.Module):
     h = self.depthwise_conv(x)
     h = self.layer_norm(h).astype(self.dtype)
     h = self.pointwise_conv1(h)
-    h = nn.gelu(h, approximate=False)  # transformers' "gelu" is the exact erf form
+    h = gelu_exact(h)  # transformers' "gelu" is the exact erf form
     h = self.pointwise_conv2(h)
     h = h * self.gamma.astype(self.dtype)
     return residual + h

@@ -32,10 +32,19 @@ Dtype = Any
 # nn.Conv, so param names and LoRA interception are unchanged, and off the CPU it is plain lax.
 Conv = functools.partial(nn.Conv, conv_general_dilated=kernels.conv_general_dilated)
 
+
+def gelu_exact(x: jax.Array) -> jax.Array:
+  """Exact GELU, ``0.5 * x * (1 + erf(x / sqrt(2)))``: PyTorch's formula (``F.gelu``, diffusers,
+  transformers' "gelu"). ``jax.nn.gelu(approximate=False)`` computes ``erfc(-x / sqrt(2))``
+  instead, whose XLA:CPU expansion (both branches and an ``exp``) cost 6.4 ms on 1024 x 3072 floats,
+  ten times this form; results agree to float32 rounding."""
+  return 0.5 * x * (1.0 + lax.erf(x * np.asarray(np.sqrt(0.5), x.dtype)))
+
+
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     'silu': nn.silu,
     'swish': nn.silu,
-    'gelu': functools.partial(nn.gelu, approximate=False),
+    'gelu': gelu_exact,
     'relu': nn.relu,
     'mish': lambda x: x * jnp.tanh(nn.softplus(x)),
 }
@@ -311,7 +320,7 @@ class GEGLU(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x = nn.Dense(2 * self.dim_out, dtype=self.dtype, param_dtype=self.param_dtype, name='proj')(x)
     hidden, gate = jnp.split(x, 2, axis=-1)
-    return hidden * nn.gelu(gate, approximate=False)
+    return hidden * gelu_exact(gate)
 
 
 class FeedForward(nn.Module):
