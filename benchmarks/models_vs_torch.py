@@ -367,7 +367,7 @@ def main(argv=None) -> None:
   env = environment()
   print(f"{env['cpu']} x{env['cores']}, JAX device {env['device']}, torch threads "
         f"{env['torch_threads']}, {args.dtype}, batch {args.batch}", flush=True)
-  builder, results = _Builder(args), []
+  builder, results, failed = _Builder(args), [], []
   for name in args.only:
     t0 = time.perf_counter()
     try:  # one workload failing (e.g. out of memory on a small GPU) must not lose the others
@@ -376,6 +376,7 @@ def main(argv=None) -> None:
       r = run_workload(w, args)
     except Exception:  # pylint: disable=broad-except
       print(f'[{name}] FAILED:\n{traceback.format_exc()}', flush=True)
+      failed.append(name)
       continue
     finally:
       w = None
@@ -397,6 +398,8 @@ def main(argv=None) -> None:
     with open(args.append_results, 'a') as f:
       f.write('\n' + table)
     print(f'appended to {args.append_results}')
+  if failed:
+    raise SystemExit(f'failed: {", ".join(failed)}')
 
 
 if __name__ == '__main__':
