@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmarks of issues 2, 4 and 5 in one call on a lent GPU machine (see CONTRIBUTING.md):
+# The GPU benchmarks of issues 2, 4 and 5 in one call on a lent GPU machine (see benchmarks/README.md):
 #   bash benchmarks/gpu_lease.sh            # writes logs and JSON under $OUT (default benchmarks/out/gpu)
 #   STAGES="models train" UNET_ONLY=1 TRAIN_BATCH=8 bash benchmarks/gpu_lease.sh   # a subset
 # Each stage runs in its own process under its own time limit, so one failure or overrun keeps the
