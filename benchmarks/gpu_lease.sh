@@ -4,10 +4,18 @@
 #   STAGES="models train" UNET_ONLY=1 TRAIN_BATCH=8 bash benchmarks/gpu_lease.sh   # a subset
 # Each stage runs in its own process under its own time limit, so one failure or overrun keeps the
 # others' figures. Missing pure-Python packages travel as wheels in .whl/ (installed to /tmp/site).
+# The train step runs first (it never got measured: its compile outlasted the 2026-11-29 lease).
+# Compile time: JAX's persistent compilation cache is shared by all stages (a rerun in the same
+# lease reuses every compiled program), and the train stage compiles with XLA's GEMM autotuning
+# reduced (TRAIN_XLA_FLAGS: cuBLAS GEMMs instead of autotuned Triton ones, autotune level 1), so the
+# full OMGSR-S step compiles in minutes; set TRAIN_XLA_FLAGS= to compile with XLA's defaults.
 set -u
 OUT=${OUT:-benchmarks/out/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$OUT/jax_cache}
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=1
+TRAIN_XLA_FLAGS=${TRAIN_XLA_FLAGS-"--xla_gpu_enable_triton_gemm=false --xla_gpu_autotune_level=1"}
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
@@ -26,14 +34,14 @@ stage() {  # stage NAME SECONDS CMD...
   grep -v "^WARNING\|^I0000\|^E0000\|^W0000" "$OUT/$name.log" | tail -n 25
 }
 
-STAGES=${STAGES:-models inference train}
+STAGES=${STAGES:-train models inference}
 for s in $STAGES; do
   case $s in
-    models) stage models 230 python3 benchmarks/models_vs_torch.py --device gpu --dtype bfloat16 \
+    models) stage models ${MODELS_LIMIT:-150} python3 benchmarks/models_vs_torch.py --device gpu --dtype bfloat16 \
       --batch 8 --repeats 10 ${UNET_ONLY:+--only unet} --out "$OUT/models_gpu.json" ;;
-    inference) stage inference 150 python3 benchmarks/inference.py --device gpu --dtype bfloat16 \
+    inference) stage inference ${INFERENCE_LIMIT:-120} python3 benchmarks/inference.py --device gpu --dtype bfloat16 \
       --batches ${INFER_BATCHES:-1,8} --repeats 10 --torch-device cuda --out "$OUT/inference_gpu.json" ;;
-    train) stage train 220 python3 benchmarks/train_step.py --batch ${TRAIN_BATCH:-4} \
+    train) XLA_FLAGS="${XLA_FLAGS:-} $TRAIN_XLA_FLAGS" stage train ${TRAIN_LIMIT:-300} python3 benchmarks/train_step.py --batch ${TRAIN_BATCH:-4} \
       --dtype bfloat16 --steps 5 --out "$OUT/train_step_gpu.json" ;;
   esac
 done

@@ -3,7 +3,7 @@
 The timed computation is the whole one-step generator on bicubic-upscaled 512² inputs (the reference's
 ``omgsr_s_infer_model`` with merged LoRA): VAE encoder -> posterior sample x scaling -> SD2.1-base
 UNet eps at t* = 273 with a 77x1024 prompt embedding -> x0 (OMGSR Eq. 7) -> VAE decoder -> clamp.
-JAX: ``sr_jax.inference.one_step.one_step_sr`` jitted (compile excluded); PyTorch: diffusers
+JAX: ``sr_jax.inference.one_step.generate`` on OMGSR's stage, jitted (compile excluded); PyTorch: diffusers
 ``UNet2DConditionModel`` + ``AutoencoderKL`` eager under ``inference_mode``. Both get the same random
 full-size weights (converted with ``sr_jax.weights``), inputs and posterior noise; outputs are checked
 against each other before timing. Calls alternate between the frameworks.
@@ -12,7 +12,7 @@ against each other before timing. Calls alternate between the frameworks.
   python benchmarks/inference.py --batches 8 --repeats 1 --micro-batch 2   # CPU (24 GiB): batch 8
   python benchmarks/inference.py --device gpu --dtype bfloat16 --batches 1,8 --torch-device cuda
 
-GPU: ms/img and MFU from 4.40 TFLOP per image (performance-and-style.md).
+GPU: ms/img and MFU from 4.40 TFLOP per image (XLA cost analysis, cross-checked by hand).
 """
 from __future__ import annotations
 
@@ -60,8 +60,9 @@ def build(args):
   import torch
   import models_vs_torch as mvt
   import tiny_diffusers as td
-  from sr_jax.diffusion import schedules
+  from sr_jax.diffusion import latents, schedules
   from sr_jax.inference import one_step
+  from sr_jax.methods import omgsr
   from sr_jax.models.unet import UNet2DConditionModel
   from sr_jax.models.vae import AutoencoderKL
 
@@ -81,9 +82,18 @@ def build(args):
       dict(beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear',
            num_train_timesteps=1000))[T_STAR])
   sf = vae_cfg.get('scaling_factor', 0.18215)
-  model = one_step.OneStepModel(unet, vae, params, T_STAR, alpha_bar, sf)
-  jax_fn = mvt.jit_model(
-      lambda p, x, n: one_step.one_step_sr(model, p, x, n, args.micro_batch or None))
+  stage = omgsr.latent_stage(unet, vae, latents.LatentCodec.from_vae_config(vae_cfg), T_STAR,
+                             alpha_bar, {'upscale': 4, 'process_size': 512})
+  micro = args.micro_batch or None
+
+  def generate(p, x, key):
+    # Micro-batches (lax.map) bound the activation memory: batch 8 at 512² in fp32 needs 27 GiB.
+    if micro and micro < x.shape[0]:
+      one = lambda item: one_step.generate(stage, p, item[0][None], item[1])['sr'][0]
+      return jax.lax.map(one, (x, jax.random.split(key, x.shape[0])), batch_size=micro)
+    return one_step.generate(stage, p, x, key)['sr']
+
+  jax_fn = mvt.jit_model(generate)
   on_cuda = args.torch_device == 'cuda'
   tdtype = getattr(torch, args.dtype) if args.device == 'cpu' or on_cuda else torch.float32
   tdev = torch.device(args.torch_device)
@@ -110,20 +120,32 @@ def _timed(fn):
   return time.perf_counter() - start, out
 
 
+def posterior_noise(key, batch: int, size: int, micro: int | None):
+  """The posterior noise the JAX generator draws from ``key`` (per image when micro-batched)."""
+  import jax
+  import numpy as np
+  shape = (batch, size // 8, size // 8, 4)
+  if micro and micro < batch:
+    keys = jax.random.split(key, batch)
+    return np.concatenate([np.asarray(jax.random.normal(k, (1,) + shape[1:])) for k in keys])
+  return np.asarray(jax.random.normal(key, shape))
+
+
 def run_batch(args, jax_fn, params, torch_fn, batch):
   import jax
   import numpy as np
   size = 4 * args.lq_size
   rng = np.random.default_rng(batch)
   images = rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
-  noise = rng.standard_normal((batch, size // 8, size // 8, 4)).astype(np.float32)
+  key = jax.random.key(batch)
+  noise = posterior_noise(key, batch, size, args.micro_batch or None)
   start = time.perf_counter()
-  compiled = jax_fn.lower(params, images, noise).compile()
+  compiled = jax_fn.lower(params, images, key).compile()
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
   temp_gib = getattr(memory, 'temp_size_in_bytes', 0) / 2**30 if memory is not None else float('nan')
   print(f'batch {batch}: compiled in {compile_s:.0f} s, XLA temp memory {temp_gib:.2f} GiB', flush=True)
-  run_jax = lambda: np.asarray(jax.block_until_ready(compiled(params, images, noise)))
+  run_jax = lambda: np.asarray(jax.block_until_ready(compiled(params, images, key)))
   first_jax, jax_out = _timed(run_jax)
   res = dict(batch=batch, size=size, compile_s=compile_s, xla_temp_gib=temp_gib, first_jax_s=first_jax)
   jax_s, torch_s = [], []

@@ -23,7 +23,7 @@ GPU (JAX only; the torch wheel here is CPU-only, so torch checks sample 0 on the
   python benchmarks/models_vs_torch.py --device gpu --dtype bfloat16 --batch 8
 
 prints ms/img and MFU = counted FLOPs / (time x peak); FLOPs per image are the counts of
-shared/reference/performance-and-style.md (XLA's own count is printed beside them).
+our hand count cross-checked with XLA's cost analysis (XLA's own count is printed beside them).
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ from typing import Any, Callable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKLOADS = ('unet', 'vae_encode', 'vae_decode', 'convnext')
-# Forward TFLOP per image at these shapes (performance-and-style.md, XLA cost analysis + hand count).
+# Forward TFLOP per image at these shapes (XLA cost analysis + hand count).
 TFLOP_PER_IMAGE = {'unet': 0.787, 'vae_encode': 1.11, 'vae_decode': 2.50, 'convnext': 0.329}
 # Dense bf16 peak TFLOP/s by substring of jax's device_kind (first match wins).
 PEAK_BF16_TFLOPS = (('H200', 989.0), ('H100 PCIe', 756.0), ('H100', 989.0), ('A100', 312.0),
@@ -112,9 +112,9 @@ def _convert(torch_model, flax_model, strip_prefix: str = '', dtype=None,
 
 
 def jit_model(fn: Callable) -> Callable:
-  """``jax.jit`` with the options sr_jax compiles its models with (kernels.compiler_options)."""
-  from sr_jax.models import kernels
-  return jax.jit(fn, compiler_options=kernels.compiler_options())
+  """``jax.jit`` with the options sr_jax compiles its models with (xla.compiler_options)."""
+  from sr_jax import xla
+  return jax.jit(fn, compiler_options=xla.compiler_options())
 
 
 def _as_tuple(x):

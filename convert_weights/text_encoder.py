@@ -2,8 +2,8 @@
 
 OMGSR conditions the UNet on one fixed prompt (by default the empty string) encoded once: the CLIP
 tokenizer pads to ``model_max_length`` (truncating longer prompts) and the text encoder's last hidden
-state, without an attention mask as in diffusers' SD pipelines, is the UNet context (method-facts
-§1.2). This is the only place that imports torch and transformers.
+state, without an attention mask as in diffusers' SD pipelines, is the UNet context (OMGSR
+``train/train_omgsr_s.py``). This is the only place that imports torch and transformers.
 """
 from __future__ import annotations
 

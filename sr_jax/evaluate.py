@@ -1,9 +1,11 @@
 """Folder evaluation behind ``eval.py``: SR every image of a folder, write PNGs, score, summarise.
 
-Outputs in ``output_dir``: ``<input stem>.png`` per image, ``metrics.csv`` (one row per input: status,
-seconds, every metric) and ``summary.json`` (means, counts, skipped inputs with reasons, settings).
-Unreadable inputs are skipped with their reason; an output that already exists is kept (and scored)
-unless ``overwrite``; the progress line shows an ETA.
+Outputs in ``output_dir``: ``<input stem>.png`` per image, ``metrics.csv`` (one row per input:
+status, seconds, every metric; skipped inputs with their reason) and ``summary.json`` (means, counts,
+skipped inputs, what made the outputs), both rewritten after every image so an interrupted run keeps
+its scores. Every PNG records what made it (:func:`provenance`: method, checkpoint, step, settings)
+in a text chunk; an existing output is kept (and scored) only when that record matches the current
+run, and redone otherwise (``overwrite`` redoes it anyway). The progress line shows an ETA.
 """
 from __future__ import annotations
 
@@ -17,11 +19,11 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from sr_jax import metrics as metrics_lib
 from sr_jax.data.sources import IMAGE_EXTENSIONS, BadImageError, load_rgb
-from sr_jax.inference import color_fix, one_step
+from sr_jax.inference import pipeline
 
 
 @dataclasses.dataclass
@@ -32,6 +34,7 @@ class EvalOptions:
   overwrite: bool = False
   crop_border: int = 0                                  # pixels removed per side before PSNR/SSIM
   pyiqa_metrics: Sequence[str] = tuple(metrics_lib.PYIQA_METRICS)
+  perceptual_weights: str | None = None                 # convert_weights perceptual --out DIR
 
 
 def list_images(folder: str) -> list[str]:
@@ -57,6 +60,26 @@ def find_gt(gt_dir: str, stem: str) -> str | None:
   return None
 
 
+class InImageProgress:
+  """Progress inside one image: ``  name: VAE decoder 120/658 (ETA 1:05)`` lines, at most one per
+  ``interval`` seconds (a small image prints none), from the tiled pipeline's device calls."""
+
+  def __init__(self, name: str, log: Callable[[str], None], interval: float = 10.0):
+    self.name, self.log, self.interval = name, log, interval
+    self.phase, self.phase_start, self.last = None, time.time(), time.time()
+
+  def __call__(self, phase: str, done: int, total: int) -> None:
+    now = time.time()
+    if phase != self.phase:
+      self.phase, self.phase_start = phase, now
+    if now - self.last < self.interval and done < total:
+      return
+    if now - self.last >= self.interval:
+      eta = (now - self.phase_start) / max(done, 1) * (total - done)
+      self.log(f'  {self.name}: {phase} {done}/{total} (ETA {int(eta // 60)}:{int(eta % 60):02d})')
+      self.last = now
+
+
 class Progress:
   """``[i/n] name  (x.x s/img, ETA m:ss)`` lines from the running mean time per processed image."""
 
@@ -72,7 +95,8 @@ class Progress:
 
 
 def _score(sr: np.ndarray, gt_path: str | None, options: EvalOptions,
-           iqa: metrics_lib.PyiqaMetrics) -> tuple[dict, str]:
+           iqa: metrics_lib.PyiqaMetrics, perceptual: metrics_lib.PerceptualMetrics | None
+           ) -> tuple[dict, str]:
   """Pixel metrics (with GT) and the pyiqa metrics of one output; a note when GT is unusable."""
   gt, note = None, ''
   if options.gt_dir is not None:
@@ -86,51 +110,93 @@ def _score(sr: np.ndarray, gt_path: str | None, options: EvalOptions,
       if gt is not None and gt.shape != sr.shape:
         note, gt = f'ground truth is {gt.shape[1]}x{gt.shape[0]}, output {sr.shape[1]}x{sr.shape[0]}', None
   scores = metrics_lib.pixel_metrics(sr, gt, options.crop_border) if gt is not None else {}
+  if perceptual is not None and gt is not None:
+    scores.update(perceptual.score(sr, gt))
   # Paired runs built the full-reference metrics too: they need this image's ground truth.
   if iqa.metrics and (gt is not None or options.gt_dir is None):
     scores.update(iqa.score(sr, gt))
   return scores, note
 
 
-def _process(resolver: one_step.SuperResolver, path: str, out_path: str, overwrite: bool
-             ) -> tuple[np.ndarray, str]:
+PROVENANCE_KEY = 'sr_jax'  # the PNG text chunk that records what made an output
+
+
+def provenance(resolver: pipeline.SuperResolver) -> dict:
+  """What made an output: the generator's source (method, checkpoint, kind, step) and settings."""
+  source = dict(resolver.generator.source)
+  if 'checkpoint' in source:
+    source['checkpoint'] = os.path.abspath(source['checkpoint'])
+  return {'generator': source, 'settings': dataclasses.asdict(resolver.settings),
+          'stages': [{'name': st.name, 'upscale': st.upscale, 'process_size': st.process_size}
+                     for st in resolver.generator.stages]}
+
+
+def _made_by(path: str) -> dict | None:
+  try:
+    with Image.open(path) as image:
+      text = image.info.get(PROVENANCE_KEY)
+    return json.loads(text) if text else None
+  except (OSError, ValueError):
+    return None
+
+
+def _process(resolver: pipeline.SuperResolver, path: str, out_path: str, overwrite: bool,
+             record: dict) -> tuple[np.ndarray, str]:
   """SR of one input into ``out_path`` (or the kept existing output) -> (output, status)."""
+  status = 'done'
   if os.path.isfile(out_path) and not overwrite:
-    return np.asarray(read_rgb(out_path)), 'kept existing output'
+    if _made_by(out_path) == record:
+      return np.asarray(read_rgb(out_path)), 'kept existing output'
+    status = 'redone: the existing output was made by another model or settings'
   name = os.path.basename(path)
-  out = one_step.super_resolve_image(resolver, read_rgb(path), name)
+  out = pipeline.super_resolve_image(resolver, read_rgb(path), name)
+  info = PngImagePlugin.PngInfo()
+  info.add_text(PROVENANCE_KEY, json.dumps(record, sort_keys=True))
   tmp = out_path + '.tmp.png'
-  out.save(tmp)
+  out.save(tmp, pnginfo=info)
   os.replace(tmp, out_path)  # never leave a half-written PNG behind
-  return np.asarray(out), 'done'
+  return np.asarray(out), status
 
 
-def evaluate_folder(resolver: one_step.SuperResolver, options: EvalOptions,
+def evaluate_folder(resolver: pipeline.SuperResolver, options: EvalOptions,
                     log: Callable[[str], None] = print) -> dict:
   """Runs the folder; returns (and writes) the summary."""
   paths = list_images(options.input_dir)
+  if not paths:
+    log(f'warning: no images in {options.input_dir} ({"/".join(IMAGE_EXTENSIONS)})')
   os.makedirs(options.output_dir, exist_ok=True)
   paired = options.gt_dir is not None
-  iqa = metrics_lib.PyiqaMetrics.create(options.pyiqa_metrics, paired=paired, log=log)
+  perceptual = None
+  pyiqa_names = list(options.pyiqa_metrics)
+  if options.perceptual_weights and paired:
+    perceptual = metrics_lib.PerceptualMetrics.create(options.perceptual_weights)
+    pyiqa_names = [n for n in pyiqa_names if n not in metrics_lib.PERCEPTUAL_METRICS]
+    log(f'LPIPS (alex, vgg) and DISTS in JAX with the weights in {options.perceptual_weights}')
+  iqa = metrics_lib.PyiqaMetrics.create(pyiqa_names, paired=paired, log=log)
+  record = provenance(resolver)
   rows, skipped = [], {}
   progress = Progress(len(paths), log)
   for path in paths:
     name = os.path.basename(path)
     stem = os.path.splitext(name)[0]
     start = time.time()
+    resolver.progress, resolver.log = InImageProgress(name, log), log
     try:
       sr, status = _process(resolver, path, os.path.join(options.output_dir, stem + '.png'),
-                            options.overwrite)
+                            options.overwrite, record)
     except BadImageError as e:
       skipped[name] = str(e)
+      rows.append({'image': name, 'status': f'skipped: {e}'})
       progress.update(name, f'skipped: {e}')
+      _write_outputs(options.output_dir, rows, _summarise(rows, skipped, resolver, options, iqa))
       continue
     seconds = time.time() - start
     gt_path = find_gt(options.gt_dir, stem) if paired else None
-    scores, note = _score(sr, gt_path, options, iqa)
+    scores, note = _score(sr, gt_path, options, iqa, perceptual)
     rows.append({'image': name, 'status': status, 'seconds': round(seconds, 4), 'note': note,
                  **scores})
     progress.update(name, status + (f'; {note}' if note else ''))
+    _write_outputs(options.output_dir, rows, _summarise(rows, skipped, resolver, options, iqa))
   summary = _summarise(rows, skipped, resolver, options, iqa)
   if paired and 'fid' in iqa.metrics:
     summary['mean']['fid'] = iqa.fid(options.output_dir, options.gt_dir)
@@ -138,7 +204,7 @@ def evaluate_folder(resolver: one_step.SuperResolver, options: EvalOptions,
   return summary
 
 
-def _summarise(rows: list[dict], skipped: dict, resolver: one_step.SuperResolver,
+def _summarise(rows: list[dict], skipped: dict, resolver: pipeline.SuperResolver,
                options: EvalOptions, iqa: metrics_lib.PyiqaMetrics) -> dict:
   names = [k for row in rows for k in row if k not in ('image', 'status', 'seconds', 'note')]
   names = list(dict.fromkeys(names))
@@ -147,9 +213,9 @@ def _summarise(rows: list[dict], skipped: dict, resolver: one_step.SuperResolver
     values = [row[n] for row in rows if n in row and math.isfinite(row[n])]
     mean[n] = float(np.mean(values)) if values else None
   return {
-      'images': len(rows), 'scored': {n: sum(n in r for r in rows) for n in names},
+      'images': len(rows) - len(skipped), 'scored': {n: sum(n in r for r in rows) for n in names},
       'mean': mean, 'skipped_inputs': skipped, 'skipped_metrics': iqa.skipped,
-      'settings': dataclasses.asdict(resolver.settings), 'devices': resolver.devices,
+      **provenance(resolver), 'devices': resolver.devices,
       'device_kind': jax.devices()[0].device_kind, 'crop_border': options.crop_border,
   }
 
@@ -162,12 +228,3 @@ def _write_outputs(output_dir: str, rows: list[dict], summary: dict) -> None:
     writer.writerows(rows)
   with open(os.path.join(output_dir, 'summary.json'), 'w') as f:
     json.dump(summary, f, indent=2)
-
-
-def settings_from_config(config: Any, **overrides) -> one_step.InferenceSettings:
-  """``config.eval`` (see ``configs/omgsr.py``) with command-line ``overrides`` (None = keep)."""
-  values = dict(config.eval) if 'eval' in config else {}
-  values.update({k: v for k, v in overrides.items() if v is not None})
-  if values.get('color_fix', 'adain') not in color_fix.COLOR_FIXES:
-    raise ValueError(f"--color_fix must be one of {color_fix.COLOR_FIXES}, got {values['color_fix']!r}")
-  return one_step.InferenceSettings(**values)

@@ -18,13 +18,18 @@ PSNR and SSIM follow the definitions used across the SR literature (basicsr's ``
 
 ``tests/test_metrics.py`` checks both against scikit-image and basicsr on the bundled photos.
 
-The learned and no-reference metrics (LPIPS, DISTS, NIQE, MUSIQ, MANIQA, CLIPIQA, FID) come from pyiqa,
-an optional PyTorch extra (``pip install pyiqa``; its weights must already be in its cache, this tool
+LPIPS (v0.1, AlexNet: pyiqa's default ``lpips``; and VGG: ``lpips_vgg``) and DISTS are computed in
+JAX (:class:`PerceptualMetrics`, ``sr_jax.losses``) when a perceptual weights folder is given
+(``python -m convert_weights perceptual --out DIR``; equal to the ``lpips`` / ``DISTS_pytorch``
+packages on the same weights, ``tests/test_perceptual_*.py``). The other learned and no-reference
+metrics (NIQE, MUSIQ, MANIQA, CLIPIQA, FID, and LPIPS/DISTS without our weights) come from pyiqa, an
+optional PyTorch extra (``pip install pyiqa``; its weights must already be in its cache, this tool
 never downloads). Without it, or without a metric's weights, that metric is skipped with one line.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 from typing import Any, Callable, Sequence
 
@@ -50,6 +55,8 @@ PYIQA_METRICS: dict[str, tuple[str, str]] = {
     'fid': ('fid', 'fid'),
 }
 PIXEL_METRICS = ('psnr_y', 'ssim_y', 'psnr_rgb', 'ssim_rgb')
+# Full-reference metrics computed in JAX from a perceptual weights folder (names as pyiqa's).
+PERCEPTUAL_METRICS = ('lpips', 'lpips_vgg', 'dists')
 
 
 # ------------------------------------------------------------------------------------ PSNR / SSIM
@@ -214,3 +221,33 @@ class PyiqaMetrics:
       return None
     with self.torch.no_grad():
       return float(self.metrics['fid'](sr_dir, gt_dir))
+
+
+@dataclasses.dataclass
+class PerceptualMetrics:
+  """LPIPS (AlexNet, VGG) and DISTS in JAX with the weights of ``convert_weights perceptual``.
+
+  Build with :meth:`create`; :meth:`score` takes uint8 (H, W, 3) SR and ground-truth images.
+  """
+  params: Any
+  functions: dict[str, Callable]
+
+  @classmethod
+  def create(cls, weights_dir: str, names: Sequence[str] = PERCEPTUAL_METRICS
+             ) -> 'PerceptualMetrics':
+    import jax  # pylint: disable=g-import-not-at-top
+    from sr_jax import pretrained, xla  # pylint: disable=g-import-not-at-top
+    from sr_jax.losses import dists, lpips  # pylint: disable=g-import-not-at-top
+    unknown = sorted(set(names) - set(PERCEPTUAL_METRICS))
+    if unknown:
+      raise ValueError(f'unknown perceptual metrics {unknown}; choose from {PERCEPTUAL_METRICS}')
+    every = {'lpips': functools.partial(lpips.lpips_distance, net='alex'),
+             'lpips_vgg': functools.partial(lpips.lpips_distance, net='vgg'),
+             'dists': dists.dists_distance}
+    jit = lambda fn: jax.jit(fn, compiler_options=xla.compiler_options())
+    return cls(pretrained.load_perceptual(weights_dir), {n: jit(every[n]) for n in names})
+
+  def score(self, sr: np.ndarray, gt: np.ndarray) -> dict[str, float]:
+    as01 = lambda img: np.asarray(img, np.float32)[None] / np.float32(255.0)
+    x, y = as01(sr), as01(gt)
+    return {name: float(np.asarray(fn(self.params, x, y))[0]) for name, fn in self.functions.items()}

@@ -10,14 +10,14 @@ metadata) and ``<out_dir>/mid_timestep.png`` (the curve, t* circled). Set ``conf
 ``--config.model.t_star=...`` when training) to the printed value. ``--config.key=value`` overrides
 work as for ``train.py``, e.g. ``--config.data.paths="('/data/LSDIR',)"``, ``--config.seed=7``.
 
-What it measures (the HEAD script ``mid_timestep/mid_timestep_sd.py``, method-facts §1.4):
+What it measures (the OMGSR HEAD script ``mid_timestep/mid_timestep_sd.py``):
 
 * the pairs are the first ``num_pairs`` records of the training stream: ``config.data`` and
   ``config.seed`` through ``sr_jax.data.pipeline`` (same crops, flips and degradations as training).
   The reference walks its whole dataset once; pass the image count as ``--num_pairs`` to do the
   same (more pairs than images start a second epoch with new crops and degradations);
 * HQ and LQ are encoded by the FROZEN VAE encoder (no LoRA) to sampled latents x scaling factor,
-  exactly :func:`sr_jax.methods.omgsr.encode_lq_latent` with ``encoder_lora=None``;
+  exactly :func:`sr_jax.inference.one_step.encode_latent` as the OMGSR training step encodes HQ;
 * per sample: E[z_H^2] and E[(z_L - z_H)^2] (Eq. 3-4), then the dataset mean of
   ``|SNR(z_t) - SNR(z_L)|`` for t = 0..999 of the DDPM schedule of the base model (Eq. 5), accumulated
   by :class:`sr_jax.diffusion.mid_timestep.MidTimestepAccumulator`.
@@ -27,7 +27,7 @@ in float32 for the search, and bf16 rounding of z_L - z_H would add noise power 
 
 Weights: ``config.model.source == 'converted'`` loads only the encoder half of the VAE in
 ``config.model.sd_path`` and its ``scheduler_config.json``; ``'random'`` (the tiny config) initialises
-the encoder from ``config.model.vae_config`` with ``omgsr.random_params``, as tiny training does, so
+the encoder from ``config.model.vae_config`` with ``common.load_frozen``, as tiny training does, so
 the tiny search sees the same encoder (flax derives a parameter's init key from its module path, so an
 encoder-only init equals the encoder half of the full init; ``tests/test_mid_timestep_search.py``
 checks it).
@@ -41,7 +41,6 @@ Runs on one process and one device (the default device); the VAE encoder is the 
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -52,65 +51,55 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sr_jax.diffusion import mid_timestep
+from sr_jax.diffusion import latents, mid_timestep
 from sr_jax.diffusion import schedules
-from sr_jax.methods import omgsr
-from sr_jax.models import kernels
-from sr_jax.models.vae import AutoencoderKL
-
-# omgsr._load_frozen_models initialises (unet, vae, dinov3) with seeds config.seed + (0, 1, 2).
-DEFAULT_SCALING_FACTOR = 0.18215          # diffusers' AutoencoderKL default
-
-
-@dataclasses.dataclass(frozen=True)
-class FrozenEncoder:
-  """The fields of ``omgsr.OmgsrModels`` that :func:`omgsr.encode_lq_latent` reads (no LoRA)."""
-  vae_encoder: AutoencoderKL              # parts=('encoder',): encoder + quant_conv
-  scaling_factor: float
-  vae_lora: Any = None                    # unused: encode_lq_latent gets encoder_lora=None
-
+from sr_jax.inference import one_step
+from sr_jax.methods import base, common
+from sr_jax import xla
 
 def _read_json(path: str) -> dict:
   with open(path) as f:
     return json.load(f)
 
 
-def load_frozen_encoder(config) -> tuple[FrozenEncoder, Any, dict]:
-  """Config -> (encoder statics, float32 encoder params, scheduler config dict). Builds nothing else."""
+def load_frozen_encoder(config) -> tuple[base.LatentStage, Any, dict]:
+  """Config -> (an encoder-only stage, float32 encoder params under 'vae', scheduler config dict).
+
+  Builds nothing else: ``common.load_frozen`` gives the converted encoder half of
+  ``config.model.sd_path``, or the random tiny encoder (the encoder half of the random VAE that
+  tiny training uses).
+  """
   m = config.model
+  common.check_source(m)
+  module, params = common.load_frozen(m, 'vae', m.get('sd_path'), seed=config.seed,
+                                      param_dtype=jnp.float32, parts=('encoder',))
   if m.source == 'random':
-    vae_config = dict(m.vae_config)
-    module = AutoencoderKL.from_config(vae_config, dtype=jnp.float32, parts=('encoder',))
-    params = omgsr.random_params(config, 'vae', module)
     scheduler_config = dict(m.scheduler_config)
-  elif m.source == 'converted':
-    from sr_jax import pretrained  # pylint: disable=g-import-not-at-top
-    module, params = pretrained.load_vae(m.sd_path, parts=('encoder',))
-    vae_folder = pretrained.resolve_model_folder(m.sd_path, 'vae')
-    vae_config = _read_json(os.path.join(vae_folder, pretrained.CONFIG_FILE))
-    scheduler_config = _read_json(os.path.join(m.sd_path, pretrained.SCHEDULER_CONFIG_FILE))
   else:
-    raise ValueError(f"config.model.source must be 'random' or 'converted', got {m.source!r}")
-  scaling = float(vae_config.get('scaling_factor', DEFAULT_SCALING_FACTOR))
-  return FrozenEncoder(module, scaling), params, scheduler_config
+    from sr_jax import pretrained  # pylint: disable=g-import-not-at-top
+    scheduler_config = _read_json(os.path.join(m.sd_path, pretrained.SCHEDULER_CONFIG_FILE))
+  codec = latents.LatentCodec.from_vae_config(common.model_config(m, 'vae', m.get('sd_path')))
+  stage = base.LatentStage(vae=module, codec=codec, step=None, upscale=1, process_size=0,
+                           name='frozen VAE encoder')
+  return stage, {'vae': params}, scheduler_config
 
 
-def make_pair_statistics_fn(encoder: FrozenEncoder) -> Callable:
+def make_pair_statistics_fn(encoder: base.LatentStage) -> Callable:
   """Jitted ``(params, hq, lq, rng) -> (E[z_H^2], E[(z_L - z_H)^2])``, each (B,), for Eq. 3-4.
 
   HQ and LQ go through one encoder call (a 2B batch); each latent is ``latent_dist.sample()`` x
   scaling factor, as the reference and the OMGSR training step.
   """
-  @functools.partial(jax.jit, compiler_options=kernels.compiler_options())
+  @functools.partial(jax.jit, compiler_options=xla.compiler_options())
   def pair_statistics(params, hq, lq, rng):
     images = jnp.concatenate([hq, lq], axis=0)
-    latents = omgsr.encode_lq_latent(encoder, params, None, images, rng)
-    z_h, z_l = jnp.split(latents, 2, axis=0)
+    z = one_step.encode_latent(encoder, params, images, rng)
+    z_h, z_l = jnp.split(z, 2, axis=0)
     return mid_timestep.latent_pair_statistics(z_h, z_l)
   return pair_statistics
 
 
-def _metadata(config, *, num_pairs: int, batch_size: int, encoder: FrozenEncoder,
+def _metadata(config, *, num_pairs: int, batch_size: int, encoder: base.LatentStage,
               scheduler_config: dict, curve: np.ndarray, power_sum: float, lq_snr_sum: float,
               seconds: float) -> dict:
   """What the JSON records next to t*: the data, the model and the config's current t* to compare."""
@@ -124,7 +113,8 @@ def _metadata(config, *, num_pairs: int, batch_size: int, encoder: FrozenEncoder
       data_paths=[str(p) for p in data.paths], resize_to_crop=[bool(f) for f in data.resize_to_crop],
       repeats=[int(r) for r in data.repeats], crop_size=int(data.crop_size), preset=str(data.preset),
       model_source=str(m.source), sd_path=str(m.sd_path) if m.source == 'converted' else None,
-      vae_dtype='float32', scaling_factor=encoder.scaling_factor,
+      vae_dtype='float32', scaling_factor=encoder.codec.scaling_factor,
+      shift_factor=encoder.codec.shift_factor,
       scheduler_config=json.loads(json.dumps(scheduler_config, default=str)),
       config_t_star=int(config_t_star) if config_t_star is not None else None,
       loss_at_config_t_star=float(curve[int(config_t_star)]) if in_range else None,
@@ -139,7 +129,7 @@ def _make_iterator(config, batch_size: int):
       worker_count=config.get('data_workers', 0), read_threads=config.get('data_read_threads', 1))
 
 
-def _stream_statistics(config, encoder: FrozenEncoder, params: Any, num_pairs: int, batch_size: int,
+def _stream_statistics(config, encoder: base.LatentStage, params: Any, num_pairs: int, batch_size: int,
                        add: Callable[[np.ndarray, np.ndarray], None]) -> None:
   """Feeds ``add`` the per-sample statistics of the first ``num_pairs`` pairs of the stream.
 

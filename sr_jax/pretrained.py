@@ -40,6 +40,16 @@ embeddings: ``prompt_embeds.safetensors`` with one float32 array (1, L, C) per p
 ``prompt_0``, ``prompt_1``, ... and ``prompt_embeds.json`` =
 ``{"format_version": 1, "prompts": {"prompt_0": "", ...}, "text_encoder": source, "max_length": L}``.
 The load path of converted folders needs only numpy, safetensors and jax (no torch, no transformers).
+
+Perceptual-loss weights (LPIPS, DISTS, ea-DISTS), written by ``python -m convert_weights perceptual``
+and read by :func:`load_perceptual`, are one converted folder without ``config.json``: its
+``params.safetensors`` holds the groups ``vgg16/features_<i>/{kernel,bias}`` and
+``alexnet/features_<i>/...`` (torchvision ``features``, :mod:`sr_jax.models.vgg`),
+``lpips_vgg/lin<k>/model_1/kernel`` and ``lpips_alex/...`` (LPIPS v0.1 heads) and ``dists/alpha``,
+``dists/beta`` ((1475,) each); the marker has kind ``"perceptual"`` and ``"sources"`` (group -> origin)::
+
+  params = pretrained.load_perceptual('ckpt/perceptual')
+  d = lpips.lpips_distance(params, x, y, net='vgg')     # sr_jax.losses.lpips; also dists.dists_distance
 """
 from __future__ import annotations
 
@@ -369,3 +379,38 @@ def load_prompt_embeds(folder: str | os.PathLike, prompt: str = '') -> jax.Array
     raise KeyError(f'prompt {prompt!r} was not encoded in {folder}; available: '
                    f'{sorted(prompts.values())} (convert again with --prompt)')
   return jnp.asarray(_load_safetensors(os.path.join(folder, PROMPT_EMBEDS_FILE))[keys[0]])
+
+
+# ------------------------------------------------------------------------------------ perceptual
+
+def load_perceptual(path: str | os.PathLike) -> dict[str, Any]:
+  """The frozen params of the perceptual losses from a ``convert_weights perceptual`` folder.
+
+  Returns ``{'vgg16', 'alexnet', 'lpips_vgg', 'lpips_alex', 'dists'}`` (float32 jnp trees), the
+  ``params`` argument of :func:`sr_jax.losses.lpips.lpips_distance`,
+  :func:`sr_jax.losses.dists.dists_distance` and :func:`sr_jax.losses.dists.ea_dists_distance`.
+
+  Raises:
+    FileNotFoundError: the folder or its marker / params file is missing.
+    CheckpointError: wrong marker kind or version, or params missing, unexpected or mis-shaped
+      (each named with both shapes).
+  """
+  # Imported here, so that loading a UNet, VAE or DINOv3 does not import the perceptual losses.
+  from sr_jax.losses.dists import DISTS_CHANNELS
+  from sr_jax.losses.lpips import lpips_heads
+  from sr_jax.models.vgg import VGG16, AlexNet
+
+  folder = os.fspath(path)
+  if not is_converted(folder):
+    raise FileNotFoundError(f'{folder}: no {MARKER_FILE} marker (write the folder with '
+                            f'`python -m convert_weights perceptual --out {folder}`)')
+  _read_marker(folder, 'perceptual')
+  per_channel = jax.ShapeDtypeStruct((sum(DISTS_CHANNELS),), jnp.float32)
+  expected = {
+      'vgg16': abstract_params(VGG16()), 'alexnet': abstract_params(AlexNet()),
+      'lpips_vgg': abstract_params(lpips_heads('vgg')),
+      'lpips_alex': abstract_params(lpips_heads('alex')),
+      'dists': {'alpha': per_channel, 'beta': per_channel},
+  }
+  params = read_converted_params(folder, expected)
+  return jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float32)), params)

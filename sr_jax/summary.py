@@ -19,7 +19,7 @@ import time
 from typing import Mapping
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 # ----------------------------------------------------------------------------------------------
 # Minimal TensorBoard event writer
@@ -236,20 +236,32 @@ def _resize_to(images: np.ndarray, height: int, width: int) -> np.ndarray:
                    .reshape(height, width, -1) for im in images])
 
 
-def image_grid(columns: list[np.ndarray], pad: int = 2) -> np.ndarray:
+LABEL_HEIGHT = 14  # px of the header row that names the columns
+
+
+def image_grid(columns: list[np.ndarray], pad: int = 2, labels: list[str] | None = None
+               ) -> np.ndarray:
   """One row per example, one column per image set (e.g. LQ | SR | HQ), uint8 HWC.
 
   Each column is an NHWC batch in [-1, 1]; all are resized to the size of the last column.
+  ``labels`` name the columns in a header row.
   """
   columns = [to_uint8(c) for c in columns]
   n, height, width, channels = columns[-1].shape
   columns = [_resize_to(c[:n], height, width) for c in columns]
-  grid = np.full((n * (height + pad) + pad, len(columns) * (width + pad) + pad, channels), 255,
-                 np.uint8)
+  top = LABEL_HEIGHT if labels else 0
+  grid = np.full((top + n * (height + pad) + pad, len(columns) * (width + pad) + pad, channels),
+                 255, np.uint8)
   for i in range(n):
     for j, column in enumerate(columns):
-      y, x = pad + i * (height + pad), pad + j * (width + pad)
+      y, x = top + pad + i * (height + pad), pad + j * (width + pad)
       grid[y:y + height, x:x + width] = column[i]
+  if labels:
+    image = Image.fromarray(grid.squeeze(-1) if channels == 1 else grid)
+    draw = ImageDraw.Draw(image)
+    for j, label in enumerate(labels):
+      draw.text((pad + j * (width + pad) + 2, 1), label, fill=0 if channels == 1 else (0, 0, 0))
+    grid = np.asarray(image).reshape(grid.shape)
   return grid
 
 
@@ -286,6 +298,20 @@ def progress_line(step: int, max_steps: int, metrics: Mapping[str, float], steps
   eta_text = str(datetime.timedelta(seconds=round(eta))) if np.isfinite(eta) else '?'
   parts.append(f'ETA {eta_text}')
   return ' | '.join(parts)
+
+
+def drop_jsonl_rows_after(path: str, step: int) -> None:
+  """Removes the rows of ``path`` with a step above ``step`` (a run resumed from that checkpoint
+  logs those steps again)."""
+  if not os.path.isfile(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  kept = [line for line in lines if line.strip() and json.loads(line).get('step', 0) <= step]
+  if len(kept) != len(lines):
+    with open(path + '.tmp', 'w') as f:
+      f.writelines(kept)
+    os.replace(path + '.tmp', path)
 
 
 def append_jsonl(path: str, record: Mapping[str, float]) -> None:

@@ -1,7 +1,8 @@
 """Method-agnostic training loop: mesh, sharded state, jitted step, logging, checkpoints, resume.
 
-A training *method* (OMGSR, later TUDSR/RCOD/SMFSR) is a ``Method``: pure functions plus the frozen
-arrays they read. The trainer owns everything else:
+A training *method* is a :class:`sr_jax.methods.base.Method`: pure functions plus the frozen arrays
+they read, made by ``methods.get(config.method).make_method(config)``. The trainer owns everything
+else and names no method:
 
 1. builds the ``('data', 'fsdp')`` mesh (``sr_jax.sharding``) and places ``method.frozen`` on it
    (replicated, or FSDP-split when large and ``mesh.fsdp > 1``);
@@ -35,7 +36,12 @@ Config keys read (``ml_collections.ConfigDict``; defaults in ``TrainerOptions``)
   peak_tflops        per-device peak for MFU, overrides the device table (default: table)
   prng_impl          PRNG of the key given to ``init_state`` (default: jax's, threefry); 'rbg' is
                      faster on TPU/GPU but its bits may depend on the sharding
-  method             name of the module ``sr_jax.methods.<method>`` (only when no method is passed)
+  cpu_memory_scheduler  compile CPU steps with XLA's memory-optimised scheduler (default True: the
+                     full-size step fits 24 GiB with it; tiny configs turn it off, it slows them)
+  cpu_optimization_level  XLA's CPU backend optimisation level for the step and the image grids
+                     (default None: XLA's; tiny configs use 1, which compiles them faster)
+  method             the method's registered name or module path (``sr_jax.methods.get``; only
+                     when no method is passed)
   data, data_workers, data_read_threads
                      the default data factory's ``sr_jax.data.pipeline`` source config, grain
                      worker processes per host (default 0) and read threads (default 1)
@@ -48,7 +54,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import json
 import os
 import time
@@ -60,41 +65,11 @@ import numpy as np
 from absl import logging
 
 from sr_jax import checkpointing
+from sr_jax import methods
 from sr_jax import sharding
 from sr_jax import summary
-from sr_jax.models import kernels
-
-
-@dataclasses.dataclass(frozen=True)
-class Method:
-  """What a training method gives the trainer. All functions are pure and jit-compatible.
-
-  Attributes:
-    init_state: ``rng -> state``. The whole mutable train state as one pytree (trainable params,
-      optimizer states, the method's own step counter and PRNG keys). Run under ``jax.jit`` with
-      output shardings, so it must not read host data; typed keys (``jax.random.key``) are fine.
-    train_step: ``(state, frozen, batch) -> (state, metrics)``. One optimizer step (G and D updates,
-      gradient accumulation via ``optax.MultiSteps`` if wanted). ``batch`` is ``{'hq', 'lq'}``
-      float32 NHWC in [-1, 1], sharded over the batch axis. ``metrics``: dict of scalars (loss
-      terms, grad norms...), averaged over ``log_every`` steps by the trainer and checked for
-      NaN/Inf. Module-level, no closures over arrays: the trainer jits it with donated ``state``.
-    frozen: pytree of arrays that are read, never updated (pretrained weights, prompt embeddings).
-      Not checkpointed: the method reloads them each run. Numpy or jax arrays; the trainer shards
-      them. ``None`` if there are none.
-    sample: ``(state, frozen, batch) -> {'lq', 'sr', 'hq'}`` NHWC images in [-1, 1] (LQ may be
-      smaller) for the image grid; ``None`` to skip grids.
-    export: ``(state, frozen, directory) -> None``: writes the deliverables (LoRA in PEFT layout,
-      merged inference weights). Called on every process after the final checkpoint; it must gather
-      what it needs (``sharding.gather_to_host``) and write files only on process 0.
-    flops_per_sample: FLOPs (2 per multiply-add) of one training example, for TFLOP/s and MFU;
-      ``None``: taken from XLA's cost analysis of the compiled step.
-  """
-  init_state: Callable[[jax.Array], Any]
-  train_step: Callable[[Any, Any, dict], tuple[Any, dict]]
-  frozen: Any = None
-  sample: Callable[[Any, Any, dict], dict] | None = None
-  export: Callable[[Any, Any, str], None] | None = None
-  flops_per_sample: float | None = None
+from sr_jax import xla
+from sr_jax.methods.base import Method
 
 
 DataFactory = Callable[[Any], Iterator[dict]]
@@ -120,6 +95,8 @@ class TrainerOptions:
   distributed: str = 'auto'
   peak_tflops: float | None = None
   prng_impl: str | None = None
+  cpu_memory_scheduler: bool = True
+  cpu_optimization_level: int | None = None
 
   @classmethod
   def from_config(cls, config: Any) -> 'TrainerOptions':
@@ -172,14 +149,23 @@ def reset_sums(tracker: dict) -> dict:
 
 
 @functools.lru_cache(maxsize=8)
+def jitted_train_step(train_step: Callable) -> Callable:
+  """``jax.jit(train_step)``, one object per ``train_step``: the metric names are read from its
+  trace (``jax.eval_shape``) and :func:`make_step_fn` calls it, so jax traces the step once."""
+  return jax.jit(train_step)
+
+
+@functools.lru_cache(maxsize=8)
 def make_step_fn(train_step: Callable) -> Callable:
   """Wraps ``train_step`` to fold its metrics into the tracker (sums, NaN/Inf bookkeeping).
 
   Cached per ``train_step`` so that repeated runs in one process (tests, notebooks) reuse jax's
   trace and compile caches, which are keyed on the function object.
   """
+  inner = jitted_train_step(train_step)  # inlined when step_fn is compiled
+
   def step_fn(state, frozen, batch, tracker):
-    state, metrics = train_step(state, frozen, batch)
+    state, metrics = inner(state, frozen, batch)
     metrics = {k: jnp.mean(jnp.asarray(v, jnp.float32)) for k, v in metrics.items()}
     bad = {k: ~jnp.isfinite(v) for k, v in metrics.items()}
     any_bad = jnp.any(jnp.stack(list(bad.values()))) if bad else jnp.bool_(False)
@@ -236,8 +222,7 @@ def _write_config(config: Any, workdir: str) -> None:
 
 
 def _default_method(config: Any) -> Method:
-  module = importlib.import_module(f'sr_jax.methods.{config.method}')
-  return module.make_method(config)
+  return methods.get(config.method).make_method(config)
 
 
 def _default_data_factory(config: Any) -> Iterator[dict]:
@@ -262,11 +247,21 @@ def _root_key(options: TrainerOptions) -> jax.Array:
 def _restore_or_init(run: _Run) -> tuple[Any, int]:
   """Latest checkpoint (state + iterator position) on the current mesh, else a fresh state."""
   restored = checkpointing.restore(run.manager, run.abstract_state, run.data_iterator)
+  metrics_file = os.path.join(run.workdir, 'metrics.jsonl')
   if restored is not None:
+    step = restored[1]
+    if run.is_main:  # a resume from an earlier checkpoint replays later steps: drop their rows
+      summary.drop_jsonl_rows_after(metrics_file, step)
+    if step >= run.options.max_steps:
+      logging.warning('the latest checkpoint is at step %d >= max_steps %d: nothing to train (pass '
+                      '--config.max_steps=N with N > %d to continue)', step,
+                      run.options.max_steps, step)
     return restored
+  logging.info('initialising the train state (no checkpoint in %s)', run.manager.directory)
   state = sharding.create_sharded_state(run.method.init_state, _root_key(run.options),
                                         run.state_shardings)
-  logging.info('initialised a fresh train state (no checkpoint in %s)', run.manager.directory)
+  if run.is_main:
+    summary.drop_jsonl_rows_after(metrics_file, 0)
   return state, 0
 
 
@@ -276,18 +271,23 @@ def _compile(run: _Run, state: Any, batch: dict) -> tuple[Any, Any, Any, float |
   replicated = sharding.replicated(mesh)
   frozen_shardings = jax.tree.map(lambda x: x.sharding, run.frozen)
   batch_shardings = jax.tree.map(lambda x: x.sharding, batch)
-  _, metric_shapes = jax.eval_shape(run.method.train_step, state, run.frozen, batch)
+  logging.info('tracing the train step...')
+  _, metric_shapes = jax.eval_shape(jitted_train_step(run.method.train_step), state, run.frozen,
+                                    batch)
   names = tuple(metric_shapes)
   tracker_fn = jax.jit(functools.partial(init_tracker, names), out_shardings=replicated)
   tracker = tracker_fn(0)
   tracker_shardings = jax.tree.map(lambda _: replicated, tracker)
+  logging.info('compiling the train step...')
   start = time.time()
   step_fn = jax.jit(
       make_step_fn(run.method.train_step),
       in_shardings=(run.state_shardings, frozen_shardings, batch_shardings, tracker_shardings),
       out_shardings=(run.state_shardings, tracker_shardings),
       donate_argnums=(0, 3),
-  ).lower(state, run.frozen, batch, tracker).compile(kernels.training_compiler_options())
+  ).lower(state, run.frozen, batch, tracker).compile(
+      xla.training_compiler_options(memory_scheduler=run.options.cpu_memory_scheduler,
+                                    cpu_optimization_level=run.options.cpu_optimization_level))
   logging.info('compiled the train step in %.1f s', time.time() - start)
   reset_fn = jax.jit(reset_sums, out_shardings=tracker_shardings, donate_argnums=0)
   flops = None
@@ -300,8 +300,8 @@ def _compile(run: _Run, state: Any, batch: dict) -> tuple[Any, Any, Any, float |
   return step_fn, tracker_fn, reset_fn, flops
 
 
-def _setup(options: TrainerOptions, workdir: str, method: Method,
-           data_factory: DataFactory, config: Any) -> _Run:
+def _setup(options: TrainerOptions, workdir: str, method: Method, data_iterator: Any,
+           config: Any) -> _Run:
   mesh = sharding.make_mesh(options.mesh)
   _check_batch_size(options, mesh)
   logging.info('mesh %s over %d devices (%s), %d processes', dict(mesh.shape), mesh.size,
@@ -320,7 +320,7 @@ def _setup(options: TrainerOptions, workdir: str, method: Method,
           options.checkpoint_dir or os.path.join(workdir, 'checkpoints'),
           options.keep_checkpoints, options.async_checkpoints),
       writer=summary.SummaryWriter(os.path.join(workdir, 'tensorboard'), enabled=is_main),
-      data_iterator=data_factory(config), is_main=is_main)
+      data_iterator=data_iterator, is_main=is_main)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,8 +355,11 @@ def _write_samples(run: _Run, step: int, sample_fn: Callable, state: Any, batch:
   if not run.is_main:
     return
   keys = [k for k in ('lq', 'sr', 'hq') if k in images] or list(images)
-  grid = summary.image_grid([np.asarray(images[k])[:run.options.sample_count] for k in keys])
-  summary.save_png(os.path.join(run.workdir, 'samples', f'step_{step:08d}.png'), grid)
+  grid = summary.image_grid([np.asarray(images[k])[:run.options.sample_count] for k in keys],
+                            labels=[k.upper() for k in keys])
+  path = os.path.join(run.workdir, 'samples', f'step_{step:08d}.png')
+  summary.save_png(path, grid)
+  logging.info('samples (%s) written to %s', ' | '.join(k.upper() for k in keys), path)
   run.writer.image(step, 'samples/' + '_'.join(keys), grid)
   run.writer.flush()
 
@@ -383,7 +386,8 @@ def _train_loop(run: _Run, state: Any, step: int) -> tuple[Any, int]:
   if batch is None:
     return state, step
   step_fn, tracker_fn, reset_fn, flops_per_step = _compile(run, state, batch)
-  sample_fn = (jax.jit(run.method.sample, compiler_options=kernels.compiler_options())
+  sample_fn = (jax.jit(run.method.sample, compiler_options=xla.compiler_options(
+      options.cpu_optimization_level))
                if run.method.sample is not None else None)
   sample_batch = batch  # a fixed batch: grids stay comparable across steps
   tracker = tracker_fn(step)
@@ -413,14 +417,22 @@ def _train_loop(run: _Run, state: Any, step: int) -> tuple[Any, int]:
 
 def train_and_evaluate(config: Any, workdir: str, method: Method | None = None,
                        data_factory: DataFactory | None = None) -> Any:
-  """Trains ``method`` (default: ``sr_jax.methods.<config.method>.make_method(config)``) on batches
+  """Trains ``method`` (default: ``methods.get(config.method).make_method(config)``) on batches
   from ``data_factory`` (default: ``sr_jax.data.pipeline.make_train_iterator`` on ``config.data``,
   ``config.seed``, this process's share of ``config.batch_size``), resuming from
   ``<workdir>/checkpoints`` if it holds a checkpoint. Returns the final train state."""
   options = TrainerOptions.from_config(config)
   sharding.initialize_distributed(options.distributed)
-  method = method if method is not None else _default_method(config)
-  run = _setup(options, workdir, method, data_factory or _default_data_factory, config)
+  # The data sources first: a wrong path fails in seconds, before any model is built.
+  data_iterator = (data_factory or _default_data_factory)(config)
+  try:
+    if method is None:
+      logging.info('building the %s method (frozen weights, modules)', config.method)
+      method = _default_method(config)
+    run = _setup(options, workdir, method, data_iterator, config)
+  except BaseException:
+    _close_iterator(data_iterator)
+    raise
   try:
     state, step = _restore_or_init(run)
     start_step = step
@@ -429,7 +441,9 @@ def train_and_evaluate(config: Any, workdir: str, method: Method | None = None,
     logging.info('trained steps %d..%d; checkpoints at %s', start_step, step,
                  run.manager.all_steps())
     if method.export is not None:
-      method.export(state, run.frozen, os.path.join(workdir, 'export'))
+      export_dir = os.path.join(workdir, 'export')
+      logging.info('exporting to %s', export_dir)
+      method.export(state, run.frozen, export_dir)
     return state
   finally:
     # Await in-flight saves even when a step raised: a half-written newest checkpoint would be
@@ -437,5 +451,9 @@ def train_and_evaluate(config: Any, workdir: str, method: Method | None = None,
     run.manager.wait_until_finished()
     run.manager.close()
     run.writer.close()
-    if hasattr(run.data_iterator, 'close'):  # grain worker processes
-      run.data_iterator.close()
+    _close_iterator(run.data_iterator)
+
+
+def _close_iterator(iterator: Any) -> None:
+  if hasattr(iterator, 'close'):  # grain worker processes
+    iterator.close()

@@ -5,6 +5,10 @@ The naming convention every sr_jax model follows, so that conversion is mechanic
 * A Flax module is named after the PyTorch attribute it mirrors; list indices are joined to the list
   name with an underscore. Torch key ``down_blocks.0.resnets.1.conv1.weight`` is Flax path
   ``('down_blocks_0', 'resnets_1', 'conv1', 'kernel')``; ``to_out.0.bias`` is ``('to_out_0', 'bias')``.
+  Some real attribute names end in ``_<digits>`` too (``time_embedding.linear_1``), so the way back
+  (Flax -> PyTorch) needs to know which is which: :data:`LIST_MODULE_NAMES` are the PyTorch lists of
+  the models we mirror, :data:`DIGIT_SUFFIX_NAMES` the attributes whose digits are part of the name,
+  and any other ``<name>_<digits>`` raises :class:`UnmappableNameError` rather than guess.
 * Leaves: a Linear ``weight`` (out, in) is a Dense ``kernel`` (in, out); a Conv2d ``weight``
   (O, I/groups, kh, kw) is a Conv ``kernel`` (kh, kw, I/groups, O); a norm ``weight`` (C,) is ``scale``;
   ``bias`` stays ``bias``; any other parameter (e.g. ConvNeXt ``gamma``) keeps its name and shape.
@@ -27,8 +31,29 @@ from safetensors.numpy import load_file as _load_safetensors_numpy
 SAFETENSORS_INDEX_SUFFIX = '.safetensors.index.json'
 
 
+# PyTorch ``nn.ModuleList`` / ``nn.Sequential`` attributes of the models we mirror (diffusers
+# UNet2DConditionModel and AutoencoderKL, transformers DINOv3ConvNextModel): ``<name>_<i>`` in Flax is
+# item ``i`` of the list, torch ``<name>.<i>``.
+LIST_MODULE_NAMES = frozenset({
+    'down_blocks', 'up_blocks', 'resnets', 'attentions', 'transformer_blocks', 'downsamplers',
+    'upsamplers', 'to_out', 'net',                      # diffusers UNet / VAE
+    'stages', 'downsample_layers', 'layers',            # transformers DINOv3-ConvNeXt
+    'features', 'model',                                # torchvision VGG16 / AlexNet, LPIPS heads
+})
+# Attributes whose ``_<digits>`` is part of the PyTorch name: diffusers ``TimestepEmbedding.linear_1``
+# and ``linear_2`` (the UNet's time embedding, and its class / addition embeddings).
+DIGIT_SUFFIX_NAMES = frozenset({'linear_1', 'linear_2'})
+_DIGIT_SUFFIX = re.compile(r'(.+)_(\d+)')
+assert not {_DIGIT_SUFFIX.fullmatch(n).group(1) for n in DIGIT_SUFFIX_NAMES} & LIST_MODULE_NAMES
+
+
 class CheckpointError(ValueError):
   """A checkpoint does not match what the model config expects (the message names the keys)."""
+
+
+class UnmappableNameError(ValueError):
+  """A Flax path has a ``<name>_<digits>`` module that is neither a known list item nor a known
+  digit-suffixed attribute, so its PyTorch key would be a guess."""
 
 
 def torch_key_to_flax_path(key: str, value_ndim: int) -> tuple[str, ...]:
@@ -45,13 +70,31 @@ def torch_key_to_flax_path(key: str, value_ndim: int) -> tuple[str, ...]:
   return tuple(parts)
 
 
+def _torch_name(part: str, path: tuple[str, ...]) -> str:
+  """One Flax module name -> its dotted PyTorch form (``resnets_1`` -> ``resnets.1``)."""
+  found = _DIGIT_SUFFIX.fullmatch(part)
+  if found is None or part in DIGIT_SUFFIX_NAMES:
+    return part
+  if found.group(1) in LIST_MODULE_NAMES:
+    return f'{found.group(1)}.{found.group(2)}'
+  raise UnmappableNameError(
+      f'cannot map Flax path {"/".join(path)} to a PyTorch key: is {part!r} item {found.group(2)} '
+      f'of a list {found.group(1)!r} or an attribute named {part!r}? Add it to '
+      'sr_jax.weights.LIST_MODULE_NAMES or DIGIT_SUFFIX_NAMES')
+
+
 def flax_path_to_torch_key(path: Iterable[str]) -> str:
-  """Inverse of :func:`torch_key_to_flax_path` for paths whose names do not end in ``_<digits>``
-  unless that suffix is a list index (true for every LoRA target module and its parents)."""
-  parts = list(path)
+  """Inverse of :func:`torch_key_to_flax_path`: exact for the models we mirror (see module docstring).
+
+  Raises:
+    UnmappableNameError: naming the path, for a ``<name>_<digits>`` module that is in neither
+      :data:`LIST_MODULE_NAMES` nor :data:`DIGIT_SUFFIX_NAMES`.
+  """
+  path = tuple(path)
+  parts = [_torch_name(p, path) for p in path]
   if parts[-1] in ('kernel', 'scale'):
     parts[-1] = 'weight'
-  return '.'.join(re.sub(r'_(\d+)$', r'.\1', p) for p in parts)
+  return '.'.join(parts)
 
 
 def torch_to_flax_array(value: np.ndarray, flax_leaf: str) -> np.ndarray:
@@ -63,13 +106,19 @@ def torch_to_flax_array(value: np.ndarray, flax_leaf: str) -> np.ndarray:
   return value
 
 
+def _flax_to_torch_axes(ndim: int, flax_leaf: str) -> tuple[int, ...] | None:
+  """The transpose taking a Flax leaf to the PyTorch layout (None: the layouts agree)."""
+  if flax_leaf == 'kernel' and ndim == 2:
+    return (1, 0)
+  if flax_leaf == 'kernel' and ndim == 4:
+    return (3, 2, 0, 1)
+  return None
+
+
 def flax_to_torch_array(value: np.ndarray, flax_leaf: str) -> np.ndarray:
   """Inverse of :func:`torch_to_flax_array`."""
-  if flax_leaf == 'kernel' and value.ndim == 2:
-    return value.T
-  if flax_leaf == 'kernel' and value.ndim == 4:
-    return value.transpose(3, 2, 0, 1)
-  return value
+  axes = _flax_to_torch_axes(value.ndim, flax_leaf)
+  return value if axes is None else value.transpose(axes)
 
 
 def _shape_of(leaf: Any) -> tuple[int, ...]:
@@ -106,7 +155,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], expected_params: An
           f'shape mismatch for {key}: checkpoint {tuple(np.shape(value))} -> {array.shape} in Flax '
           f'layout, model expects {want} at {"/".join(path)}')
     converted[path] = array.astype(dtype)
-  missing = [flax_path_to_torch_key(p) for p in expected if p not in converted]
+  missing = [_key_for_message(p) for p in expected if p not in converted]
   if missing or unexpected:
     raise CheckpointError(
         'checkpoint keys do not match the model config:\n'
@@ -115,10 +164,44 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], expected_params: An
   return traverse_util.unflatten_dict(converted)
 
 
+def _key_for_message(path: tuple[str, ...]) -> str:
+  try:
+    return flax_path_to_torch_key(path)
+  except UnmappableNameError:
+    return '/'.join(path)
+
+
+def _torch_keys(params: Any) -> dict[str, tuple[tuple[str, ...], Any]]:
+  """torch key -> (Flax path, leaf) for every leaf of ``params``; two paths on one key raise."""
+  keys: dict[str, tuple[tuple[str, ...], Any]] = {}
+  for path, leaf in traverse_util.flatten_dict(params).items():
+    key = flax_path_to_torch_key(path)
+    if key in keys:
+      raise UnmappableNameError(f'Flax paths {"/".join(keys[key][0])} and {"/".join(path)} both '
+                                f'map to the PyTorch key {key}')
+    keys[key] = (path, leaf)
+  return keys
+
+
 def flax_to_state_dict(params: Any) -> dict[str, np.ndarray]:
-  """Flax param tree -> PyTorch-layout state dict (the inverse of :func:`convert_state_dict`)."""
-  return {flax_path_to_torch_key(path): np.ascontiguousarray(flax_to_torch_array(np.asarray(v), path[-1]))
-          for path, v in traverse_util.flatten_dict(params).items()}
+  """Flax param tree -> PyTorch-layout state dict (the inverse of :func:`convert_state_dict`).
+
+  Raises:
+    UnmappableNameError: a path whose PyTorch key would be a guess, or two paths on one key.
+  """
+  return {key: np.ascontiguousarray(flax_to_torch_array(np.asarray(leaf), path[-1]))
+          for key, (path, leaf) in _torch_keys(params).items()}
+
+
+def flax_to_torch_shapes(params: Any) -> dict[str, tuple[int, ...]]:
+  """The keys and shapes :func:`flax_to_state_dict` gives, for any tree with shaped leaves (e.g. the
+  ``jax.ShapeDtypeStruct`` tree of ``jax.eval_shape``): checks a full-size mapping without weights."""
+  out = {}
+  for key, (path, leaf) in _torch_keys(params).items():
+    shape = _shape_of(leaf)
+    axes = _flax_to_torch_axes(len(shape), path[-1])
+    out[key] = shape if axes is None else tuple(shape[a] for a in axes)
+  return out
 
 
 def find_weight_files(folder: str, stem: str, *, allow_pickle: bool = False) -> list[str]:

@@ -38,10 +38,12 @@ def test_kill_during_async_save_then_resume(tmp_path):
 
   _train(workdir)  # resumes from step 2, saves 4 again over the debris, runs to 6
   with open(workdir / 'metrics.jsonl') as f:
-    resumed = [json.loads(line) for line in f][4:]  # the killed run logged steps 1-4 first
+    rows = [json.loads(line) for line in f]
+  # The killed run logged steps 1-4; the resume replaced the rows of the steps it replayed (3, 4).
+  assert [m['step'] for m in rows] == [1, 2, 3, 4, 5, 6]
+  resumed = rows[2:]
   with open(reference / 'metrics.jsonl') as f:
     expected = [json.loads(line) for line in f][2:]
-  assert [m['step'] for m in resumed] == [3, 4, 5, 6]
   np.testing.assert_allclose([m['loss'] for m in resumed], [m['loss'] for m in expected],
                              rtol=1e-6)
   for name, value in toy.load_export(reference).items():

@@ -8,7 +8,7 @@ from scipy import stats
 
 from sr_jax.data import basicsr_reference
 from sr_jax.data import degradations
-from sr_jax.data import kernels
+from sr_jax.data import blur_kernels
 
 
 def _image(h=64, w=80, seed=0):
@@ -36,7 +36,7 @@ def test_blur_matches_direct_correlation_with_reflect_border():
   img = _image()
   rng = np.random.default_rng(3)
   for _ in range(20):
-    kernel = kernels.random_mixed_kernel(rng, int(rng.choice([7, 13, 21])))
+    kernel = blur_kernels.random_mixed_kernel(rng, int(rng.choice([7, 13, 21])))
     size = kernel.shape[0]
     padded = np.pad(img, ((size // 2,) * 2, (size // 2,) * 2, (0, 0)), mode='reflect')  # torch 'reflect'
     windows = np.lib.stride_tricks.sliding_window_view(padded, (size, size), axis=(0, 1))
@@ -50,7 +50,7 @@ def test_blur_matches_basicsr_filter2d_on_padded_kernels():
   img = _image(48, 40)
   rng = np.random.default_rng(4)
   for _ in range(10):
-    kernel = kernels.random_stage_kernel(rng, range(7, 22, 2), 13, 0.3, kernels.KERNEL_TYPES,
+    kernel = blur_kernels.random_stage_kernel(rng, range(7, 22, 2), 13, 0.3, blur_kernels.KERNEL_TYPES,
                                          [0.45, 0.25, 0.12, 0.03, 0.12, 0.03], (0.2, 3), (0.5, 4), (1, 2))
     pad = (21 - kernel.shape[0]) // 2
     theirs = ref.img_process_util.filter2D(_to_torch(ref, img), ref.torch.FloatTensor(np.pad(kernel, pad))[None])

@@ -31,7 +31,7 @@ def test_large_heads_end_at_one_logit_per_level(resolution):
   variables = jax.eval_shape(heads.init, jax.random.key(0), features)
   logits = jax.eval_shape(lambda v, f: heads.apply(v, f), variables, features)
   assert [l.shape for l in logits] == [(1, 1, 1)] * 3
-  # Channel flow (method-facts §1.5, 512): L0 192->96->96->96->1, L2 768->384->192->96->1.
+  # Channel flow (OMGSR dinov3_convnext_disc.py, 512): L0 192->96->96->96->1, L2 768->384->192->96->1.
   params = variables['params']
   if resolution == 512:
     assert [params['decoders_0'][f'conv_{k}']['kernel'].shape[-1] for k in range(3)] == [96, 96, 96]

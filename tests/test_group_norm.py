@@ -24,7 +24,7 @@ def test_group_norm_equals_flax_group_norm(shape):
 
 @pytest.mark.parametrize('cpu_path', [True, False])
 def test_group_norm_moments_are_per_sample_and_group(cpu_path, monkeypatch):
-  monkeypatch.setattr(layers.kernels, 'on_cpu', lambda: cpu_path)  # the GPU/TPU path runs here too
+  monkeypatch.setattr(layers.cpu_kernels, 'on_cpu', lambda: cpu_path)  # the GPU/TPU path runs here too
   x = jax.random.normal(jax.random.key(0), (2, 5, 6, 8)) * jnp.arange(1, 9) + jnp.arange(8)
   mean, var = layers.group_norm_moments(x, 4)
   groups = np.asarray(x).reshape(2, 30, 4, 2).transpose(0, 2, 1, 3).reshape(2, 4, 60)

@@ -172,7 +172,7 @@ def test_tiling_a_position_independent_fn_equals_the_untiled_fn(eps_fn, h, w):
   latent = rng.normal(size=(h, w, 4)).astype(np.float32)
   grid = tiling.latent_tile_grid(h, w, 64, 32)
   assert len(grid) > 1
-  out = tiling.tiled_epsilon(eps_fn, latent, grid, batch=3)
+  out = tiling.tiled_prediction(eps_fn, latent, grid, batch=3)
   np.testing.assert_allclose(out, eps_fn(latent), rtol=1e-6, atol=1e-6)
 
 
@@ -189,7 +189,7 @@ def test_one_tile_covering_the_whole_latent_equals_the_untiled_result(h, w, tile
   latent = rng.normal(size=(h, w, 4)).astype(np.float32)
   grid = tiling.latent_tile_grid(h, w, tile, overlap)
   assert grid.offsets == ((0, 0),) and grid.tile == h
-  out = tiling.tiled_epsilon(_non_local_fn, latent, grid)
+  out = tiling.tiled_prediction(_non_local_fn, latent, grid)
   np.testing.assert_allclose(out, _non_local_fn(latent[None])[0], rtol=1e-6, atol=1e-6)
 
 
@@ -197,7 +197,7 @@ def test_non_local_fn_shows_tiling_is_not_a_no_op():
   rng = np.random.default_rng(4)
   latent = rng.normal(size=(96, 128, 4)).astype(np.float32)
   grid = tiling.latent_tile_grid(96, 128, 64, 32)
-  out = tiling.tiled_epsilon(_non_local_fn, latent, grid)
+  out = tiling.tiled_prediction(_non_local_fn, latent, grid)
   assert np.abs(out - _non_local_fn(latent[None])[0]).max() > 1e-3
 
 
@@ -230,3 +230,41 @@ def test_map_batched_pads_every_call_to_one_shape_and_trims(n, batch, multiple, 
   last = seen[-1]
   real = n - chunk * (len(seen) - 1)
   np.testing.assert_array_equal(last[real:], np.repeat(items[-1:], chunk - real, axis=0))
+
+
+def test_blending_clean_latents_equals_the_clean_latent_of_blended_epsilons():
+  """The pipeline blends each tile's x0 (OMGSR Eq. 7 applied per tile); the reference blends eps
+  and then takes one x0. Eq. 7 is affine in eps per pixel and the weights are normalised, so the
+  two agree to float32 rounding."""
+  rng = np.random.default_rng(5)
+  latent = rng.normal(size=(40, 56, 4)).astype(np.float32)
+  grid = tiling.latent_tile_grid(40, 56, 16, 8)
+  assert len(grid) > 4
+  alpha_bar = 0.6357
+  eps_of_tile = lambda tiles: np.tanh(tiles * 1.7) + tiles.mean(axis=(1, 2), keepdims=True)
+  x0 = lambda z, eps: (z - np.sqrt(1 - alpha_bar) * eps) / np.sqrt(alpha_bar)
+  reference = x0(latent, tiling.tiled_prediction(eps_of_tile, latent, grid))
+  ours = tiling.tiled_prediction(lambda tiles: x0(tiles, eps_of_tile(tiles)), latent, grid)
+  np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('batch,multiple', [(3, 1), (4, 3), (100, 1)])
+def test_progress_receives_one_monotone_count_per_batch_ending_at_the_total(batch, multiple):
+  latent = np.random.default_rng(6).normal(size=(100, 150, 4)).astype(np.float32)
+  grid = tiling.latent_tile_grid(100, 150, 64, 32)
+  calls = []
+  out = tiling.tiled_prediction(lambda t: t * 2, latent, grid, batch, multiple,
+                                progress=lambda *args: calls.append(args))
+  np.testing.assert_allclose(out, latent * 2, rtol=1e-6)
+  chunk = max(multiple, batch - batch % multiple)  # map_batched's rounding of the batch
+  total = math.ceil(len(grid) / chunk)
+  assert calls == [('latent tiles', done, total) for done in range(1, total + 1)]
+
+
+def test_map_batched_reports_progress_under_the_given_phase_after_each_call():
+  seen = []
+  fn = lambda x: seen.append(len(seen)) or x
+  calls = []
+  tiling.map_batched(fn, np.zeros((5, 2)), 2, progress=lambda *a: calls.append((*a, len(seen))),
+                     phase='steps')
+  assert calls == [('steps', 1, 3, 1), ('steps', 2, 3, 2), ('steps', 3, 3, 3)]

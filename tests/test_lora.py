@@ -5,6 +5,7 @@ unchanged, the interceptor sees the right scope paths under jit and grad, the gr
 LoRA tree never materialises a frozen-kernel-shaped array, merge == unmerged, and the PEFT state-dict /
 adapter-folder round trip (no torch here; PEFT parity is in test_lora_vs_peft.py).
 """
+import dataclasses
 import functools
 import json
 from typing import Any
@@ -347,3 +348,28 @@ def test_adapter_folder_round_trip_with_prefix(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, back, jax.tree.map(np.asarray, tree))
   with pytest.raises(ValueError, match='use_dora'):
     lora.config_from_peft(dict(adapter_config, use_dora=True))
+
+
+def test_adapter_folder_round_trip_relative_to_a_sub_module(tmp_path):
+  """module_prefix='encoder': keys and config of the encoder alone (OMGSR's PeftModel(vae.encoder)),
+  read back into the whole-model tree; configs that would select other layers there are refused."""
+  params = toy_params()
+  config = lora.LoRAConfig(rank=4, alpha=8, init='gaussian', prefix='encoder')
+  tree = random_lora(params, config)
+  lora.save_peft_adapter(tmp_path, tree, config, module_prefix='encoder')
+  adapter_config = json.loads((tmp_path / 'adapter_config.json').read_text())
+  assert adapter_config['exclude_modules'] is None
+  assert adapter_config['target_modules'] == list(config.target_modules)
+  keys = set(lora.to_peft_state_dict(tree, config, module_prefix='encoder'))
+  assert 'down_blocks.0.attentions.0.to_out.0.lora_B.weight' in keys
+  assert len(keys) == 2 * len([n for n in ALL_TARGETS if n.startswith('encoder.')])
+  back, back_config = lora.load_peft_adapter(tmp_path, params, module_prefix='encoder')
+  assert back_config == config
+  jax.tree.map(np.testing.assert_array_equal, back, jax.tree.map(np.asarray, tree))
+  with pytest.raises(ValueError, match='regex'):
+    lora.peft_adapter_config(dataclasses.replace(config, target_modules=r'.*conv'), None, 'encoder')
+  with pytest.raises(ValueError, match="'encoder.conv_in' names part of the module prefix"):
+    lora.peft_adapter_config(dataclasses.replace(config, target_modules=('encoder.conv_in',)),
+                             None, 'encoder')
+  with pytest.raises(ValueError, match='not both'):
+    lora.load_peft_adapter(tmp_path, params, prefix='encoder', module_prefix='encoder')

@@ -12,8 +12,8 @@ import numpy as np
 from configs import omgsr as omgsr_configs
 from sr_jax import mid_timestep_search
 from sr_jax import pretrained
-from sr_jax.methods import omgsr
-from sr_jax.models.vae import AutoencoderKL
+from sr_jax.methods import common
+from sr_jax.models.vae import AutoencoderKL, split_vae_params
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,12 +61,12 @@ def test_random_encoder_is_the_training_vae_encoder():
   config.model.vae_config = MICRO_VAE
   with jax.default_prng_impl('rbg'):
     encoder, params, scheduler = mid_timestep_search.load_frozen_encoder(config)
-    full = omgsr.random_params(config, 'vae', AutoencoderKL.from_config(MICRO_VAE))
-  expected, _ = omgsr.split_vae_params(full)
-  assert jax.tree.structure(params) == jax.tree.structure(expected)
-  for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(expected)):
+    full = common.random_params('vae', AutoencoderKL.from_config(MICRO_VAE), config.seed)
+  expected, _ = split_vae_params(full)
+  assert jax.tree.structure(params['vae']) == jax.tree.structure(expected)
+  for got, want in zip(jax.tree.leaves(params['vae']), jax.tree.leaves(expected)):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-  assert encoder.scaling_factor == 0.5 and encoder.vae_encoder.parts == ('encoder',)
+  assert encoder.codec.scaling_factor == 0.5 and encoder.vae.parts == ('encoder',)
   assert scheduler == dict(config.model.scheduler_config)
 
 
@@ -75,7 +75,7 @@ def test_converted_source_loads_only_the_encoder(tmp_path):
   with jax.default_prng_impl('rbg'):
     config = omgsr_configs.get_config('tiny')
     config.seed = 4
-    full = omgsr.random_params(config, 'vae', AutoencoderKL.from_config(MICRO_VAE))
+    full = common.random_params('vae', AutoencoderKL.from_config(MICRO_VAE), config.seed)
   root = tmp_path / 'sd'
   os.makedirs(root)
   with open(tmp_path / 'vae_config.json', 'w') as f:
@@ -89,12 +89,12 @@ def test_converted_source_loads_only_the_encoder(tmp_path):
   config = omgsr_configs.get_config('512')
   config.model.sd_path = str(root)
   encoder, params, got_scheduler = mid_timestep_search.load_frozen_encoder(config)
-  expected, _ = omgsr.split_vae_params(full)
-  for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(expected)):
+  expected, _ = split_vae_params(full)
+  for got, want in zip(jax.tree.leaves(params['vae']), jax.tree.leaves(expected)):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-  assert jax.tree.structure(params) == jax.tree.structure(expected)
-  assert encoder.scaling_factor == 0.5 and got_scheduler == scheduler
-  assert encoder.vae_encoder.dtype == np.float32
+  assert jax.tree.structure(params['vae']) == jax.tree.structure(expected)
+  assert encoder.codec.scaling_factor == 0.5 and got_scheduler == scheduler
+  assert encoder.vae.dtype == np.float32
 
 
 def test_command_line_prints_t_star(tmp_path):

@@ -122,7 +122,7 @@ def test_train_py_tiny_run_leaves_checkpoint_samples_logs_and_export(train_py_ru
   bundle = os.path.join(workdir, 'export', 'inference')
   _, merged_unet = pretrained.load_unet(bundle)
   assert jax.tree.leaves(merged_unet)
-  with open(os.path.join(bundle, 'omgsr.json')) as f:
+  with open(os.path.join(bundle, 'generator.json')) as f:
     assert json.load(f)['t_star'] == 273
 
 

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from sr_jax.diffusion import schedules
+from sr_jax.diffusion import latents, schedules
 
 SD21_BASE_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                            beta_schedule='scaled_linear', prediction_type='epsilon',
@@ -15,7 +15,7 @@ SD21_BASE_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_en
 def test_sd21_base_alpha_bar_at_omgsr_mid_timesteps():
   alphas_cumprod = schedules.ddpm_alphas_cumprod(SD21_BASE_SCHEDULER)
   assert alphas_cumprod.shape == (1000,)
-  # method-facts §1.2 / §6: HEAD t* = 273, paper-era t* = 195, OSEDiff t = 999.
+  # OMGSR HEAD t* = 273, paper-era t* = 195 (configs/omgsr_s_512.yml history), OSEDiff t = 999.
   assert alphas_cumprod[273] == pytest.approx(0.6357, abs=1e-4)
   assert math.sqrt(alphas_cumprod[273]) == pytest.approx(0.7973, abs=1e-4)
   assert math.sqrt(1 - alphas_cumprod[273]) == pytest.approx(0.6035, abs=1e-4)
@@ -47,8 +47,8 @@ def test_ddpm_one_step_inverts_noising():
   @jax.jit
   def round_trips(z0, eps, v):
     z_t = schedules.ddpm_add_noise(z0, eps, alpha_bar)
-    return (z_t, schedules.ddpm_x0_from_epsilon(z_t, eps, alpha_bar),
-            schedules.ddpm_x0_from_prediction(z_t, v, alpha_bar, 'v_prediction'))
+    return (z_t, latents.x0_from_epsilon(z_t, eps, alpha_bar),
+            latents.x0_from_prediction(z_t, v, alpha_bar, 'v_prediction'))
 
   z_t, from_eps, from_v = round_trips(z0, eps, v)
   np.testing.assert_allclose(z_t, math.sqrt(alpha_bar) * z0 + math.sqrt(1 - alpha_bar) * eps,
@@ -60,7 +60,7 @@ def test_ddpm_one_step_inverts_noising():
 def test_flow_one_step_inverts_noising():
   z0, eps = np.random.default_rng(1).normal(size=(2, 1, 4, 4, 16)).astype(np.float32)
   sigma = 0.505
-  x0 = jax.jit(lambda z0, eps: schedules.flow_x0_from_velocity(
+  x0 = jax.jit(lambda z0, eps: latents.x0_from_velocity(
       schedules.flow_add_noise(z0, eps, sigma), eps - z0, sigma))(z0, eps)
   np.testing.assert_allclose(x0, z0, rtol=1e-5, atol=1e-5)
 
@@ -73,7 +73,7 @@ def test_flux_mid_timestep_sigma():
   assert sigmas.shape == (1000,)
   assert sigmas[0] == 0.0 and sigmas[999] == pytest.approx(1.0)
   assert np.all(np.diff(sigmas) > 0)
-  assert sigmas[244] == pytest.approx(0.505, abs=1e-3)  # method-facts §1.3 (HEAD F-1024 t* = 244)
+  assert sigmas[244] == pytest.approx(0.505, abs=1e-3)  # OMGSR HEAD configs/omgsr_f_1024.yml t* = 244
   # The static shift with s = e^mu is the same map.
   grid = np.linspace(0.01, 1.0, 50)
   np.testing.assert_allclose(schedules.flow_time_shift(grid, 0.7),

@@ -4,19 +4,25 @@ A tiny random VAE (3 levels, factor 4, mid-block attention, 8 norm groups) whose
 and every bias are randomised, so a wrong statistic, mask or halo shows up. Tolerance (float32): max abs
 difference <= 1e-4 on outputs of scale ~1-3 (`ATOL`); measured ~3e-6, i.e. summation-order rounding.
 Decoding a tile on its own differs from the full decode by ~1.3 (last test: asserted > 1e-2).
+
+Windowed attention (above ``attention_max_tokens``): equal to the exact mode when the window covers
+the latent; an approximation otherwise, whose error on the 16x20 latent with tile 4 and margin 4 is
+the figure ``benchmarks/tiled_vae_attention.py`` measures (case ``test``, ``benchmarks/RESULTS.md``).
 """
 import functools
 import json
+import math
 import os
 import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+import tiny_diffusers
+from sr_jax.inference import tiled_vae
 from sr_jax.inference.tiled_vae import TiledVAE, combine_moments
 from sr_jax.models.vae import AutoencoderKL
 
@@ -29,21 +35,9 @@ FACTOR = 4
 
 
 def tiny_vae(seed: int = 0):
-  """The tiny VAE and random params: kernels ~ N(0, 1/fan_in), norm scales 1 + N(0, 0.3^2), every
-  norm and layer bias N(0, 0.3^2). Drawn with numpy from the param shapes (an eager ``init`` of
-  the VAE takes ~10 s on 2 cores)."""
-  vae = AutoencoderKL.from_config(CONFIG)
-  shapes = jax.eval_shape(vae.init, jax.random.key(0), *vae.dummy_inputs())['params']
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    noise = rng.standard_normal(leaf.shape).astype(np.float32)
-    name = path[-1].key
-    if name == 'kernel':
-      return noise / np.sqrt(np.prod(leaf.shape[:-1]))
-    return 1 + 0.3 * noise if name == 'scale' else 0.3 * noise
-
-  return vae, jax.tree_util.tree_map_with_path(draw, shapes)
+  """The tiny VAE and random params (``tiny_diffusers.random_flax_vae``: randomised norms and
+  biases, so a wrong statistic, mask or halo shows up)."""
+  return tiny_diffusers.random_flax_vae(CONFIG, seed)
 
 
 VAE, PARAMS = tiny_vae()
@@ -120,7 +114,11 @@ mesh = Mesh(np.array(jax.devices()), ('data',))
 tiled = t.TiledVAE(t.VAE, tile=4, batch=8, sharding=NamedSharding(mesh, P('data')))
 ref = np.load(sys.argv[1])
 out = tiled.decode(t.PARAMS, ref['latent'])
-print(json.dumps({'devices': jax.device_count(), 'err': float(np.abs(out - ref['image']).max())}))
+windowed = t.TiledVAE(t.VAE, tile=4, batch=8, sharding=NamedSharding(mesh, P('data')),
+                      attention_max_tokens=0, attention_margin=16)  # windows cover the latent
+out_windowed = windowed.decode(t.PARAMS, ref['latent'])
+print(json.dumps({'devices': jax.device_count(), 'err': float(np.abs(out - ref['image']).max()),
+                  'windowed_err': float(np.abs(out_windowed - ref['image']).max())}))
 '''
 
 
@@ -136,7 +134,7 @@ def test_tiles_sharded_over_four_fake_cpu_devices_equal_untiled(tmp_path):
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-4000:]
   out = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert out['devices'] == 4 and out['err'] <= ATOL, out
+  assert out['devices'] == 4 and out['err'] <= ATOL and out['windowed_err'] <= ATOL, out
 
 
 def test_combined_tile_moments_equal_whole_image_mean_and_variance():
@@ -156,3 +154,77 @@ def test_independent_tiles_would_differ_far_beyond_the_tolerance():
   latent, image = full_decode(16, 20)
   alone = VAE.apply({'params': PARAMS}, latent[None, :4, :4], method='decode')[0]
   assert float(np.abs(np.asarray(alone) - image[:16, :16]).max()) > 100 * ATOL
+
+
+# Windowed-mode error on the 16x20 latent, tile 4, margin 4 (window 12x12), measured on 2026-12-03
+# by benchmarks/tiled_vae_attention.py (case 'test'): decoded max 0.2419 / mean 0.0375 (outputs of
+# scale ~2.8), posterior mean max 0.1448 / mean 0.0303. Bounds: those figures rounded up.
+WINDOWED_DECODE_ERROR = dict(max=0.25, mean=0.04)
+WINDOWED_MEAN_ERROR = dict(max=0.15, mean=0.032)
+
+
+def test_windowed_attention_with_a_window_covering_the_latent_equals_untiled():
+  # Margin 16 around 4x4 tiles of a 10x13 latent: every window holds the whole image, so the
+  # windowed mode computes the global attention (cut from the device-side key image, masked).
+  tiled = TiledVAE(VAE, tile=4, batch=8, attention_max_tokens=0, attention_margin=16)
+  check_decode(tiled, 10, 13)
+  assert tiled.last_attention.windowed and tiled.last_attention.window == (12, 16)
+  check_encode(tiled, 10 * FACTOR, 13 * FACTOR)
+
+
+def test_attention_is_windowed_only_above_max_tokens():
+  tiled = TiledVAE(VAE, tile=4, batch=8, attention_max_tokens=16 * 20, attention_margin=2)
+  exact = tiled.attention_mode(16, 20)  # 320 tokens: at the threshold
+  windowed = tiled.attention_mode(16, 21)
+  assert not exact.windowed and exact.window is None and exact.chunk == 16
+  assert windowed.windowed and windowed.margin == 2 and windowed.window == (8, 8)
+  assert str(exact) == 'VAE attention exact (global) over 320 tokens'
+  assert str(windowed) == 'VAE attention windowed (margin 2) over 336 tokens'
+  # The window never exceeds the padded latent (a thin panorama: 4 rows of tiles).
+  assert tiled.attention_mode(3, 200).window == (4, 8)
+  assert TiledVAE(VAE).attention_max_tokens == tiled_vae.default_attention_max_tokens()
+  no_attention = AutoencoderKL.from_config(dict(CONFIG, mid_block_add_attention=False))
+  assert TiledVAE(no_attention).attention_mode(512, 512) is None
+  with pytest.raises(ValueError, match='must be >= 0'):
+    TiledVAE(VAE, attention_margin=-1)
+
+
+def test_online_softmax_chunk_bounds_the_logits_per_step_at_large_tiles():
+  # 8 tiles of 128^2 queries: 2048 keys a step (2^28 logits), whole rows of the 192-wide window;
+  # small tiles keep one step per tile of keys (exact mode) as before.
+  large = TiledVAE(VAE, tile=128, batch=8, attention_max_tokens=256 * 256)
+  assert large.attention_mode(256, 256).chunk == 2048
+  assert large.attention_mode(512, 512).chunk == 192 * 8
+  assert TiledVAE(VAE, tile=64, batch=8).attention_mode(256, 256).chunk == 64 * 64
+  assert 8 * 128 * 128 * large.attention_mode(512, 512).chunk <= tiled_vae.LOGITS_PER_STEP
+
+
+def test_windowed_attention_error_stays_within_the_measured_bound():
+  latent, image = full_decode(16, 20)
+  pixels, mean, _ = full_encode(16 * FACTOR, 20 * FACTOR)
+  tiled = TiledVAE(VAE, tile=4, batch=8, attention_max_tokens=16 * 20 - 1, attention_margin=4)
+  decoded = np.abs(tiled.decode(PARAMS, latent) - image)
+  assert tiled.last_attention.windowed and tiled.last_attention.window == (12, 12)
+  windowed_mean = np.abs(tiled.encode(PARAMS, pixels)[0] - mean)
+  for err, bound in ((decoded, WINDOWED_DECODE_ERROR), (windowed_mean, WINDOWED_MEAN_ERROR)):
+    assert err.max() <= bound['max'] and err.mean() <= bound['mean'], (err.max(), err.mean())
+    assert err.max() > 100 * ATOL  # an approximation indeed: the bound is not vacuous
+
+
+def test_progress_counts_every_tile_batch_of_all_stages_up_to_the_total():
+  # 10x13 latent, tile 4: 3x4 = 12 tiles, batches of 8 -> 2 device calls per stage.
+  tiled = TiledVAE(VAE, tile=4, batch=8)
+  calls = []
+  progress = lambda *args: calls.append(args)
+  latent, image = full_decode(10, 13)
+  assert_close(tiled.decode(PARAMS, latent, progress=progress), image, 'decoded')
+  pixels, _, _ = full_encode(10 * FACTOR, 13 * FACTOR)
+  tiled.encode(PARAMS, pixels, progress=progress)
+  for phase, program in (('VAE decoder', tiled_vae.decoder_program(VAE)),
+                         ('VAE encoder', tiled_vae.encoder_program(VAE))):
+    counts = [(done, total) for name, done, total in calls if name == phase]
+    total = len(program) * math.ceil(12 / 8)
+    assert counts == [(done, total) for done in range(1, total + 1)], (phase, counts)
+  decoder_calls = len(tiled_vae.decoder_program(VAE)) * 2
+  assert [name for name, _, _ in calls] == (['VAE decoder'] * decoder_calls +
+                                            ['VAE encoder'] * (len(calls) - decoder_calls))

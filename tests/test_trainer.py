@@ -73,7 +73,8 @@ def test_run_writes_checkpoints_events_samples_export_and_progress(uninterrupted
   assert json.loads((workdir / 'config.json').read_text())['checkpoint_every'] == 3
   assert sorted(os.listdir(workdir / 'samples')) == ['step_00000002.png', 'step_00000004.png']
   grid = np.asarray(Image.open(workdir / 'samples' / 'step_00000004.png'))
-  assert grid.shape == (2 * (4 + 2) + 2, 3 * (4 + 2) + 2, 3)  # 2 examples x (LQ | SR | HQ)
+  # A header row naming the columns, then 2 examples x (LQ | SR | HQ).
+  assert grid.shape == (summary.LABEL_HEIGHT + 2 * (4 + 2) + 2, 3 * (4 + 2) + 2, 3)
 
   (event_file,) = os.listdir(workdir / 'tensorboard')
   events = summary.read_events(str(workdir / 'tensorboard' / event_file))
@@ -106,6 +107,26 @@ def test_interrupted_run_matches_uninterrupted(uninterrupted, tmp_path):
   np.testing.assert_array_equal(losses, [m['loss'] for m in _metrics(uninterrupted)])
   for name, value in toy.load_export(uninterrupted).items():
     np.testing.assert_array_equal(toy.load_export(workdir)[name], value, err_msg=name)
+
+
+def test_resume_from_an_earlier_checkpoint_keeps_one_metrics_row_per_step(uninterrupted, tmp_path):
+  """Steps replayed after a resume from an older checkpoint replace their rows, never duplicate."""
+  workdir = tmp_path / 'replayed'
+  shutil.copytree(uninterrupted, workdir)
+  shutil.rmtree(workdir / 'checkpoints' / '6')  # as if the run had died before saving step 6
+  _train(workdir, max_steps=6)                  # resumes at step 4 and logs steps 5 and 6 again
+  steps = [m['step'] for m in _metrics(workdir)]
+  assert steps == [1, 2, 3, 4, 5, 6]
+  np.testing.assert_array_equal([m['loss'] for m in _metrics(workdir)],
+                                [m['loss'] for m in _metrics(uninterrupted)])
+
+
+def test_max_steps_at_or_below_the_latest_checkpoint_says_so(uninterrupted, tmp_path, caplog):
+  caplog.set_level(std_logging.WARNING, logger='absl')
+  workdir = tmp_path / 'behind'
+  shutil.copytree(uninterrupted / 'checkpoints', workdir / 'checkpoints')
+  _train(workdir, max_steps=4)
+  assert 'latest checkpoint is at step 6 >= max_steps 4: nothing to train' in caplog.text
 
 
 @pytest.mark.parametrize('log_every', [1, 10])
@@ -215,3 +236,8 @@ def test_summary_pieces():
   grid = summary.image_grid([-np.ones((3, 2, 2, 3)), np.ones((3, 4, 4, 3))], pad=1)
   assert grid.shape == (3 * 5 + 1, 2 * 5 + 1, 3)
   assert grid[1, 1].tolist() == [0, 0, 0] and grid[1, 6].tolist() == [255, 255, 255]
+  labelled = summary.image_grid([-np.ones((3, 2, 2, 3)), np.ones((3, 16, 16, 3))], pad=1,
+                                labels=['LQ', 'SR'])
+  header = labelled[:summary.LABEL_HEIGHT]
+  assert labelled.shape[0] == summary.LABEL_HEIGHT + 3 * 17 + 1
+  assert (header < 128).any() and (header == 255).mean() > 0.5  # dark text on white

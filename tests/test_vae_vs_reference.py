@@ -80,3 +80,35 @@ def test_encoder_only_and_decoder_only_use_subtrees_of_the_full_tree(reference):
 def test_unsupported_config_features_are_named():
   with pytest.raises(ValueError, match='AttnDownEncoderBlock2D'):
     AutoencoderKL.from_config(dict(td.TINY_VAE, down_block_types=['AttnDownEncoderBlock2D'] * 3))
+
+
+def test_vae_without_quant_convs_matches_diffusers_and_splits(tmp_path):
+  """The SD3 / FLUX VAE layout (16 latent channels, no quant_conv / post_quant_conv, a shift)."""
+  from sr_jax.diffusion.latents import LatentCodec  # pylint: disable=g-import-not-at-top
+  from sr_jax.inference.tiled_vae import TiledVAE  # pylint: disable=g-import-not-at-top
+  from sr_jax.models.vae import split_vae_params  # pylint: disable=g-import-not-at-top
+  config = dict(td.TINY_VAE, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+                scaling_factor=1.5305, shift_factor=0.0609)
+  folder = td.save_tiny_vae(tmp_path / 'vae3', config)
+  rng = np.random.default_rng(1)
+  images = rng.uniform(-1, 1, (1, 32, 24, 3)).astype(np.float32)
+  latents = rng.standard_normal((1, 8, 6, 16)).astype(np.float32)
+  torch_vae = td.load_torch_vae(folder)
+  with torch.no_grad():
+    posterior = torch_vae.encode(td.nchw(images)).latent_dist
+    decoded = torch_vae.decode(td.nchw(latents)).sample
+  vae, params = td.load_flax_vae(folder)
+  assert 'quant_conv' not in params and 'post_quant_conv' not in params
+  mean, logvar, out = _encode_decode(vae, params, images, latents)
+  _assert_close(mean, td.nhwc(posterior.mean), 'mean')
+  _assert_close(logvar, td.nhwc(posterior.logvar), 'logvar')
+  _assert_close(out, td.nhwc(decoded), 'decoded')
+  encoder, decoder = split_vae_params(params)
+  assert set(encoder) == {'encoder'} and set(decoder) == {'decoder'}
+  codec = LatentCodec.from_vae_config(td.read_config(folder))
+  assert (codec.scaling_factor, codec.shift_factor) == (1.5305, 0.0609)
+  # The exact tiled VAE runs this layout too (tiles of 2 latent px: many tiles).
+  tiled = TiledVAE(vae, tile=2, batch=4)
+  tiled_mean, _ = tiled.encode(params, images[0])
+  np.testing.assert_allclose(tiled_mean, mean[0], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(tiled.decode(params, latents[0]), out[0], rtol=1e-4, atol=1e-4)

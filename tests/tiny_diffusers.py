@@ -188,3 +188,21 @@ def nchw(x: np.ndarray) -> torch.Tensor:
 def nhwc(x: torch.Tensor) -> np.ndarray:
   """NCHW torch -> NHWC numpy."""
   return x.detach().float().numpy().transpose(0, 2, 3, 1)
+
+
+def random_flax_vae(config: Mapping[str, Any], seed: int = 0):
+  """Our VAE of ``config`` and random params with non-trivial norms and biases: kernels
+  ~ N(0, 1/fan_in), norm scales 1 + N(0, 0.3^2), every norm and layer bias N(0, 0.3^2). Drawn with
+  numpy from the param shapes (an eager ``init`` of a VAE takes seconds on 2 cores)."""
+  vae = AutoencoderKL.from_config(config)
+  shapes = jax.eval_shape(vae.init, jax.random.key(0), *vae.dummy_inputs())['params']
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    noise = rng.standard_normal(leaf.shape).astype(np.float32)
+    name = path[-1].key
+    if name == 'kernel':
+      return noise / np.sqrt(np.prod(leaf.shape[:-1]))
+    return 1 + 0.3 * noise if name == 'scale' else 0.3 * noise
+
+  return vae, jax.tree_util.tree_map_with_path(draw, shapes)

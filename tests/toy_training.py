@@ -116,10 +116,10 @@ def export(state, frozen, directory):
 
 
 def make_method(nan_at_step=None, flops_per_sample=None):
-  from sr_jax import trainer  # pylint: disable=g-import-not-at-top
+  from sr_jax.methods import base  # pylint: disable=g-import-not-at-top
   frozen = {'gain': np.float32(1.5),
             'big': np.linspace(-1, 1, np.prod(BIG_SHAPE), dtype=np.float32).reshape(BIG_SHAPE)}
-  return trainer.Method(
+  return base.Method(
       init_state=init_state,
       train_step=functools.partial(train_step, nan_at_step=nan_at_step),
       frozen=frozen, sample=sample, export=export, flops_per_sample=flops_per_sample)

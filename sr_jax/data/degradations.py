@@ -49,7 +49,7 @@ import numpy as np
 from scipy import sparse
 from scipy import special
 
-from sr_jax.data import kernels
+from sr_jax.data import blur_kernels
 
 RESIZE_MODES = ('area', 'bilinear', 'bicubic')
 _CV2_INTERPOLATION = {'bilinear': cv2.INTER_LINEAR, 'bicubic': cv2.INTER_CUBIC}
@@ -57,10 +57,10 @@ _CV2_INTERPOLATION = {'bilinear': cv2.INTER_LINEAR, 'bicubic': cv2.INTER_CUBIC}
 _GRAY_WEIGHTS = np.array([0.2989, 0.587, 0.114], dtype=np.float32)
 
 # --------------------------------------------------------------------------------------------------
-# Presets: every number of method-facts.md §1.6 (OMGSR, `dataset/params_realesrgan.yml`,
-# `dataset/realesrgan.py`) and §5.1 (OSEDiff, `dataloaders/params_realesrgan.yml`) lives here.
+# Presets: every number of OMGSR `dataset/params_realesrgan.yml` and `dataset/realesrgan.py`, and of
+# OSEDiff `dataloaders/params_realesrgan.yml`, lives here.
 # --------------------------------------------------------------------------------------------------
-_KERNEL_PROBS = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)  # order of kernels.KERNEL_TYPES
+_KERNEL_PROBS = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)  # order of blur_kernels.KERNEL_TYPES
 
 
 def _stage(*, blur_sigma, resize_range, noise_sigma, poisson_scale, jpeg_quality, resize_probs,
@@ -87,7 +87,7 @@ def _omgsr(scale: int, kernel_sizes: Sequence[int], sinc_size_split: int) -> ml_
       scale=scale,
       kernel_sizes=tuple(kernel_sizes),
       sinc_size_split=sinc_size_split,     # sinc cutoff U[pi/3, pi] below, U[pi/5, pi] at or above
-      kernel_types=kernels.KERNEL_TYPES,
+      kernel_types=blur_kernels.KERNEL_TYPES,
       resize_modes=RESIZE_MODES,
       final_sinc_prob=0.8,
       final_sinc_cutoff=(math.pi / 3, math.pi),
@@ -312,7 +312,7 @@ def quantize_8bit(img: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 def random_resize_scale(rng: np.random.Generator, probs: Sequence[float], scale_range: Sequence[float]) -> float:
   """'up' U(1, hi), 'down' U(lo, 1) or 'keep' 1 with probabilities `probs`."""
-  kind = kernels.draw_choice(rng, probs)
+  kind = blur_kernels.draw_choice(rng, probs)
   if kind == 0:
     return float(rng.uniform(1.0, scale_range[1]))
   if kind == 1:
@@ -340,7 +340,7 @@ def random_jpeg(img: np.ndarray, rng: np.random.Generator, quality_range: Sequen
 
 def _stage_kernel(rng: np.random.Generator, config: ml_collections.ConfigDict,
                   stage: ml_collections.ConfigDict) -> np.ndarray:
-  return kernels.random_stage_kernel(rng, config.kernel_sizes, config.sinc_size_split, stage.sinc_prob,
+  return blur_kernels.random_stage_kernel(rng, config.kernel_sizes, config.sinc_size_split, stage.sinc_prob,
                                      config.kernel_types, stage.kernel_probs, stage.blur_sigma,
                                      stage.betag_range, stage.betap_range)
 
@@ -362,7 +362,7 @@ def degrade(hq: np.ndarray, rng: np.random.Generator, config: ml_collections.Con
   s1, s2, sf = config.stage1, config.stage2, config.scale
   kernel1 = _stage_kernel(rng, config, s1)
   kernel2 = _stage_kernel(rng, config, s2)
-  final_sinc = kernels.random_final_sinc_kernel(rng, config.kernel_sizes, config.final_sinc_prob,
+  final_sinc = blur_kernels.random_final_sinc_kernel(rng, config.kernel_sizes, config.final_sinc_prob,
                                                 config.final_sinc_cutoff)
   # Stage 1.
   out = blur(hq, kernel1) if rng.random() < s1.blur_prob else hq

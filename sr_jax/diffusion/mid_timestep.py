@@ -3,7 +3,7 @@
 For every candidate timestep t the SNR of the pre-trained noisy latent z_t is compared with the SNR
 of the LQ latent z_L, per sample; t* minimises the dataset mean of ``|SNR(z_t) - SNR(z_L)|``.
 
-Paper vs code (method-facts §1.4): the HEAD script ``mid_timestep/mid_timestep_sd.py`` uses the SNR
+Paper vs code: the OMGSR HEAD script ``mid_timestep/mid_timestep_sd.py`` uses the SNR
 form of the paper (Eq. 3-4), which replaced an earlier noise-power matching rule
 (``|MSE(z_t, z_H) - MSE(z_L, z_H)|``) - we follow HEAD. Other HEAD details we keep:
 

@@ -1,7 +1,7 @@
 """Noise schedules for one-step diffusion SR: DDPM (SD2.1) and flow matching (SD3 / FLUX).
 
 The one-step generators only need the schedule value at one mid-timestep t* (OMGSR: 273 for
-SD2.1-base, 244 for FLUX.1-dev; method-facts §1.2-1.3), so the schedules are plain numpy arrays
+SD2.1-base, 244 for FLUX.1-dev in the OMGSR HEAD configs), so the schedules are plain numpy arrays
 computed once on the host in float64, and the noising / x0-prediction formulas are jnp functions that
 take the schedule value as a scalar (Python float or array).
 
@@ -9,8 +9,8 @@ DDPM ``alphas_cumprod`` follows diffusers' ``DDPMScheduler`` from a scheduler ``
 diffusers computes it in float32, we compute in float64 (differences ~1e-7, checked in
 ``tests/test_schedules.py``).
 
-Flow matching follows OMGSR Eq. 16 (supplementary): ``z_t = (1 - sigma) z_H + sigma eps`` and the
-one-step sample ``x0 = z_t - sigma v`` (velocity ``v = eps - z_H``, Eq. 17).
+Flow matching follows OMGSR Eq. 16 (supplementary): ``z_t = (1 - sigma) z_H + sigma eps``. The
+inverse one-step predictions (eps / v / velocity -> x0) are in :mod:`sr_jax.diffusion.latents`.
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def ddpm_alphas_cumprod(config: Mapping[str, Any]) -> np.ndarray:
 
   This is the alpha_t of OMGSR Eq. 1 / alpha-bar_t of Eq. 3, 6, 7, indexed by the integer timestep
   the UNet receives (diffusers' convention, t = 0 is the first noising step). SD2.1-base:
-  ``alphas_cumprod[273] = 0.6357`` (method-facts §1.2).
+  ``alphas_cumprod[273] = 0.6357``.
   """
   return np.cumprod(1.0 - ddpm_betas(config))
 
@@ -75,34 +75,6 @@ def ddpm_add_noise(z0: jax.Array, noise: jax.Array, alpha_bar) -> jax.Array:
   """OMGSR Eq. 1: ``z_t = sqrt(alpha_bar) z0 + sqrt(1 - alpha_bar) eps``."""
   alpha_bar = jnp.asarray(alpha_bar, jnp.float32)
   return (jnp.sqrt(alpha_bar) * z0 + jnp.sqrt(1.0 - alpha_bar) * noise).astype(z0.dtype)
-
-
-def ddpm_x0_from_epsilon(z_t: jax.Array, eps: jax.Array, alpha_bar) -> jax.Array:
-  """OMGSR Eq. 7: one-step ``x0 = (z_t - sqrt(1 - alpha_bar) eps_hat) / sqrt(alpha_bar)``.
-
-  In OMGSR ``z_t`` is the (LoRA-VAE) LQ latent injected at t*, and ``eps_hat`` the UNet output.
-  """
-  alpha_bar = jnp.asarray(alpha_bar, jnp.float32)
-  return ((z_t - jnp.sqrt(1.0 - alpha_bar) * eps) / jnp.sqrt(alpha_bar)).astype(z_t.dtype)
-
-
-def ddpm_x0_from_prediction(z_t: jax.Array, model_output: jax.Array, alpha_bar,
-                            prediction_type: str = 'epsilon') -> jax.Array:
-  """x0 from a DDPM model output of any diffusers ``prediction_type``.
-
-  'epsilon' is OMGSR Eq. 7 (SD2.1-base, the HEAD base model); 'v_prediction' (SD2.1-768, which the
-  OMGSR configs named until 2025-11-04, method-facts §1.1) is ``sqrt(a) z_t - sqrt(1-a) v``;
-  'sample' returns the output unchanged.
-  """
-  if prediction_type == 'epsilon':
-    return ddpm_x0_from_epsilon(z_t, model_output, alpha_bar)
-  if prediction_type == 'v_prediction':
-    alpha_bar = jnp.asarray(alpha_bar, jnp.float32)
-    out = jnp.sqrt(alpha_bar) * z_t - jnp.sqrt(1.0 - alpha_bar) * model_output
-    return out.astype(z_t.dtype)
-  if prediction_type == 'sample':
-    return model_output
-  raise ValueError(f'unsupported prediction_type {prediction_type!r}')
 
 
 # ------------------------------------------------------------------------------- flow matching
@@ -141,7 +113,7 @@ def flow_time_shift(sigma, mu: float, exponent: float = 1.0) -> np.ndarray:
 
 
 def flux_mid_timestep_sigmas(num_steps: int = 999, image_seq_len: int = 4096) -> np.ndarray:
-  """sigma_t for the integer timesteps t = 0..num_steps of OMGSR-F's t* grid (method-facts §1.3).
+  """sigma_t for the integer timesteps t = 0..num_steps of OMGSR-F's t* grid (OMGSR ``mid_timestep/mid_timestep_flux.py``).
 
   OMGSR's ``mid_timestep_flux.py`` shifts ``linspace(1, 0, num_steps + 1)`` with
   ``mu = flux_mu(image_seq_len)`` and reads timestep t as ``sigmas[-(t + 1)]``, i.e.
@@ -156,9 +128,3 @@ def flow_add_noise(z0: jax.Array, noise: jax.Array, sigma) -> jax.Array:
   """OMGSR Eq. 16 (flow matching): ``z_t = (1 - sigma) z0 + sigma eps``."""
   sigma = jnp.asarray(sigma, jnp.float32)
   return ((1.0 - sigma) * z0 + sigma * noise).astype(z0.dtype)
-
-
-def flow_x0_from_velocity(z_t: jax.Array, velocity: jax.Array, sigma) -> jax.Array:
-  """OMGSR-F one-step prediction: ``x0 = z_t - sigma v_hat`` (velocity ``v = eps - z0``, Eq. 17)."""
-  sigma = jnp.asarray(sigma, jnp.float32)
-  return (z_t - sigma * velocity).astype(z_t.dtype)

@@ -1,6 +1,6 @@
 """Colour correction of SR outputs towards the (bicubic-upscaled) input: AdaIN and wavelet.
 
-Both come from StableSR and are used unchanged by OSEDiff, OMGSR and SMFSR (method-facts §1.7, §6).
+Both come from StableSR and are used unchanged by OSEDiff, OMGSR and SMFSR (``wavelet_color_fix.py``).
 The diffusion output keeps its details but can drift in colour; both fixes take the colour from the
 upscaled LQ image:
 

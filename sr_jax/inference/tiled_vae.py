@@ -28,6 +28,13 @@ Hence tiled == untiled up to floating-point summation order: no seams, no tolera
 (``tests/test_tiled_vae.py`` measures it). Zero padding at the image border is reproduced by keeping the
 host buffers zero outside the image and masking activations before each convolution.
 
+Attention modes (:class:`AttentionMode`). The exact attention costs ``tokens^2``, so it dominates
+on very large images (a 3000 x 200 panorama). Above ``attention_max_tokens`` latent tokens it is
+*windowed*, as vaehook runs it per padded tile: each query tile attends only to the keys of its
+window, the tile plus ``attention_margin`` latent px each side, clipped to the image (other keys
+masked): linear in the area, an approximation (errors: ``benchmarks/tiled_vae_attention.py``). The
+whole image's keys and values go to the devices once; each tile cuts its window out there.
+
 Geometry: tiles are squares of ``tile`` latent pixels (``tile * 2^k`` at a level ``k`` steps above the
 latent); the image is padded up to a multiple of the tile (masked, excluded from statistics and from
 attention keys). All tiles of a stage have one shape, so each stage compiles once for every image
@@ -41,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 from typing import Any, Callable, Mapping
 
@@ -49,12 +57,28 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from sr_jax.models import kernels
+from sr_jax import xla
+from sr_jax.inference.tiling import ProgressFn
 from sr_jax.models.layers import get_activation, upsample_nearest
 from sr_jax.models.vae import VAE_EPS, AutoencoderKL
 
 BORDER = 1  # zero border kept around every host buffer: the largest halo of any stage
 _NEG = -1e30
+ENCODER_PHASE, DECODER_PHASE = 'VAE encoder', 'VAE decoder'
+
+# Exact attention up to this many latent tokens N = h * w, windowed above. Exact costs 4 C N^2 FLOPs
+# (C = 512 in SD's VAE) + N^2 exps; the rest of SD's decoder ~6e8 FLOPs per token (encoder ~3e8), so
+# the attention's share grows with N: ~5% of the decoder's FLOPs at 128^2 (1K output), ~20% at 256^2
+# (2K), ~90% at 512^2 (4K). A window of (tile + 2 margin)^2 keys (192^2 at tile 128) only pays off
+# well above its own size. CPU: 256^2, exact to a 2K output, ~9 TFLOP of attention (timings:
+# benchmarks/RESULTS.md). GPU/TPU: 512^2, exact to 4K, ~0.14 PFLOP (~0.3 s at half an H200's bf16
+# peak: an estimate, not measured).
+CPU_ATTENTION_MAX_TOKENS = 2 ** 16
+ACCELERATOR_ATTENTION_MAX_TOKENS = 2 ** 18
+# Latent px of context each side of a query tile if windowed: ~3x vaehook's decoder tile padding (11).
+DEFAULT_ATTENTION_MARGIN = 32
+# Logits per online-softmax step and device, ~1 GiB float32 (tile 128, 8 tiles: 2048 keys, not 128^2).
+LOGITS_PER_STEP = 2 ** 28
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +109,25 @@ class Network:
   groups: int
   act_fn: str
   dtype: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionMode:
+  """The mid-block attention of one call: ``tokens`` = h * w; ``margin``: None (exact global) or
+  latent px of context each side of a query tile; ``window``: (rows, cols) of keys cut out per tile
+  (tile + margins, at most the padded image); ``chunk``: keys per online-softmax step."""
+  tokens: int
+  margin: int | None = None
+  window: tuple[int, int] | None = None
+  chunk: int = 0
+
+  @property
+  def windowed(self) -> bool:
+    return self.margin is not None
+
+  def __str__(self) -> str:
+    kind = f'windowed (margin {self.margin})' if self.windowed else 'exact (global)'
+    return f'VAE attention {kind} over {self.tokens} tokens'
 
 
 # ------------------------------------------------------------------------------ programs
@@ -215,23 +258,30 @@ def combine_moments(parts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def attend_all_keys(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array,
                     chunk: int) -> jax.Array:
-  """Single-head softmax attention of queries (B, T, C) over all keys/values (N, C), keys chunked
-  with an online softmax (exact up to rounding; memory B x T x chunk). Scale ``C ** -0.5``; logits and
-  softmax in float32, probabilities cast to the value dtype, as ``jax.nn.dot_product_attention``."""
-  n, c = k.shape
-  scale = c ** -0.5
-  kc, vc, mc = (a.reshape((n // chunk, chunk) + a.shape[1:]) for a in (k, v, key_valid))
+  """Single-head softmax attention of queries (B, T, C) over keys/values (N, C) shared or (B, N, C)
+  per tile, validity (N,) / (B, N); keys chunked with an online softmax (exact up to rounding; memory
+  B x T x chunk). Scale ``C ** -0.5``; logits, softmax float32, probabilities in the value dtype."""
+  per_tile, (n, c) = k.ndim == 3, k.shape[-2:]
+  scale, lead = c ** -0.5, k.shape[:1] if per_tile else ()
+
+  def split(a):  # (..., N, ...) -> (N / chunk, ..., chunk, ...): the scan runs over the first axis
+    a = a.reshape(lead + (n // chunk, chunk) + a.shape[len(lead) + 1:])
+    return jnp.moveaxis(a, len(lead), 0)
+
+  kc, vc, mc = split(k), split(v), split(key_valid)
+  keys = 'bnc' if per_tile else 'nc'
 
   def step(carry, chunk_kvm):
     m, denom, acc = carry
     k_i, v_i, valid_i = chunk_kvm
-    logits = jnp.einsum('btc,nc->btn', q, k_i, preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(valid_i[None, None], logits, _NEG)
+    valid_i = valid_i[:, None] if per_tile else valid_i[None, None]
+    logits = jnp.einsum(f'btc,{keys}->btn', q, k_i, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(valid_i, logits, _NEG)
     m_new = jnp.maximum(m, logits.max(-1))
     # Zeroed explicitly: a chunk of padding keys only would otherwise give exp(0) = 1.
-    p = jnp.where(valid_i[None, None], jnp.exp(logits - m_new[..., None]), 0.0)
+    p = jnp.where(valid_i, jnp.exp(logits - m_new[..., None]), 0.0)
     corr = jnp.exp(m - m_new)
-    acc = acc * corr[..., None] + jnp.einsum('btn,nc->btc', p.astype(v_i.dtype), v_i,
+    acc = acc * corr[..., None] + jnp.einsum(f'btn,{keys}->btc', p.astype(v_i.dtype), v_i,
                                              preferred_element_type=jnp.float32)
     return (m_new, denom * corr + p.sum(-1), acc), None
 
@@ -240,6 +290,35 @@ def attend_all_keys(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Arr
           jnp.zeros((b, t, v.shape[-1]), jnp.float32))
   (_, denom, acc), _ = jax.lax.scan(step, init, (kc, vc, mc))
   return (acc / denom[..., None]).astype(q.dtype)
+
+
+def window_chunk(window: tuple[int, int], target: int) -> int:
+  """Keys per online-softmax step in a (rows, cols) window: the most whole rows that divide
+  ``rows`` and fit ``target`` keys (at least one row), so no padding keys are needed."""
+  rows, cols = window
+  fit = max(1, target // cols)
+  return cols * max(r for r in range(1, rows + 1) if rows % r == 0 and r <= fit)
+
+
+def window_keys(kv: jax.Array, origins: jax.Array, valid: jax.Array, tile: int,
+                mode: AttentionMode) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Keys, values (B, rows * cols, C) and validity (B, rows * cols) of the query tiles at ``origins``
+  (B, 2), cut out of the keys|values image ``kv`` (hp, wp, 2C): the window starts ``margin`` before
+  the tile, shifted inside the padded image; keys count within ``margin`` and the ``valid`` image."""
+  (rows, cols), margin = mode.window, mode.margin
+  limit = jnp.array([kv.shape[0] - rows, kv.shape[1] - cols], jnp.int32)
+  starts = jnp.clip(origins - margin, 0, limit)
+  cut = lambda s: jax.lax.dynamic_slice(kv, (s[0], s[1], 0), (rows, cols, kv.shape[-1]))
+  windows = jax.vmap(cut)(starts).reshape(origins.shape[0], rows * cols, kv.shape[-1])
+
+  def inside(axis: int, size: int) -> jax.Array:  # (B, size) bool along one axis
+    pos = starts[:, axis, None] + jnp.arange(size)[None]
+    lo = origins[:, axis, None]
+    return (pos >= lo - margin) & (pos < lo + tile + margin) & (pos < valid[axis])
+
+  key_valid = (inside(0, rows)[:, :, None] & inside(1, cols)[:, None, :]).reshape(-1, rows * cols)
+  k, v = jnp.split(windows, 2, axis=-1)
+  return k, v, key_valid
 
 
 def _normed(net: Network, p, x, stats, in_mask, activate: bool = True):
@@ -288,7 +367,7 @@ def stage_compute(stage: Stage, net: Network, p, x, in_mask, stats, residual, kv
 @functools.cache
 def _jitted_stage() -> Callable:
   # Built on first use: the compiler options depend on the backend, unknown at import.
-  return jax.jit(_stage_tiles, static_argnums=(0, 1, 2), compiler_options=kernels.compiler_options())
+  return jax.jit(_stage_tiles, static_argnums=(0, 1, 2), compiler_options=xla.compiler_options())
 
 
 def run_stage(*args):
@@ -296,12 +375,15 @@ def run_stage(*args):
   return _jitted_stage()(*args)
 
 
-def _stage_tiles(stage: Stage, net: Network, chunk: int, params, x, origins, valid_in, valid_out,
-                 stats, residual, kv):
-  """Tile batch of one stage -> (outputs zeroed outside the image, per-tile group moments)."""
+def _stage_tiles(stage: Stage, net: Network, attention: AttentionMode | None, params, x, origins,
+                 valid_in, valid_out, stats, residual, kv):
+  """Tile batch of one stage -> (outputs zeroed outside the image, per-tile group moments).
+  ``attention`` (static): ``kv`` is (keys, values, validity) if exact, (keys|values image,) if not."""
   halo_lo = stage.halo[0]
   in_mask = valid_mask(origins, x.shape[1:3], valid_in)
-  kv = None if kv is None else (*kv, chunk)
+  if attention is not None and attention.windowed:
+    kv = window_keys(kv[0], origins, valid_in, x.shape[1], attention)
+  kv = None if kv is None else (*kv, attention.chunk)
   y = stage_compute(stage, net, params, x, in_mask, stats, residual, kv)
   scale = 2.0 ** (stage.level_in - stage.level_out)  # output pixels per input pixel
   out_origins = jnp.round((origins + halo_lo) * scale).astype(jnp.int32)
@@ -345,6 +427,11 @@ class Geometry:
   def core(self, level: int) -> int:
     return self.tile * self.factor(level)
 
+  @property
+  def tiles(self) -> int:
+    """Tiles per stage: the same at every level (the core scales with the buffer)."""
+    return (self.hp // self.tile) * (self.wp // self.tile)
+
 
 def window(stage: Stage, geometry: Geometry, y: int, x: int) -> tuple[int, int, int, int]:
   """Input window (y0, x0, height, width), unbordered input coordinates, of the output core at
@@ -364,9 +451,17 @@ class TiledVAE:
   the device count); ``sharding``: a ``NamedSharding`` splitting the leading axis over devices (None:
   the default device). ``params`` passed to :meth:`encode` / :meth:`decode` are the VAE (sub)tree
   (``encoder`` + ``quant_conv`` and/or ``post_quant_conv`` + ``decoder``), already on the devices.
+
+  ``attention_max_tokens``: above this many latent tokens (h * w) the attention is windowed with
+  ``attention_margin`` latent px each side of a query tile (None: the backend's
+  :func:`default_attention_max_tokens`; ``sys.maxsize``: always exact). :meth:`attention_mode` gives
+  the mode of a latent size, ``last_attention`` that of the latest call, for logs ("VAE attention
+  windowed (margin 32) over 150000 tokens").
   """
 
-  def __init__(self, vae: AutoencoderKL, tile: int = 64, batch: int = 8, sharding: Any = None):
+  def __init__(self, vae: AutoencoderKL, tile: int = 64, batch: int = 8, sharding: Any = None,
+               attention_max_tokens: int | None = None,
+               attention_margin: int = DEFAULT_ATTENTION_MARGIN):
     self.vae = vae
     self.net = Network(vae.norm_num_groups, vae.act_fn, jnp.dtype(vae.dtype))
     self.latent_level = len(vae.block_out_channels) - 1
@@ -374,31 +469,60 @@ class TiledVAE:
     self.sharding = sharding
     self.devices = 1 if sharding is None else sharding.mesh.size
     self.batch = max(self.devices, batch - batch % self.devices)
+    if (attention_max_tokens or 0) < 0 or attention_margin < 0:
+      raise ValueError('attention_max_tokens and attention_margin must be >= 0')
+    self.attention_max_tokens = int(default_attention_max_tokens() if attention_max_tokens is None
+                                    else attention_max_tokens)
+    self.attention_margin = int(attention_margin)
+    self.last_attention: AttentionMode | None = None
 
   def geometry(self, h: int, w: int) -> Geometry:
     t = self.tile
     return Geometry(h, w, math.ceil(h / t) * t, math.ceil(w / t) * t, t, self.latent_level)
 
-  def encode(self, params: Any, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  def attention_mode(self, h: int, w: int) -> AttentionMode | None:
+    """The attention mode of an (h, w) latent (None: the VAE has no mid-block attention)."""
+    if not self.vae.mid_block_add_attention:
+      return None
+    t, tokens = self.tile, h * w
+    per_step = max(1, LOGITS_PER_STEP // (self.batch // self.devices * t * t))
+    if tokens <= self.attention_max_tokens:  # keys: the padded image's, a multiple of t^2
+      return AttentionMode(tokens, chunk=window_chunk((t, t), per_step))
+    geometry, side = self.geometry(h, w), t + 2 * self.attention_margin
+    window = (min(side, geometry.hp), min(side, geometry.wp))
+    return AttentionMode(tokens, self.attention_margin, window, window_chunk(window, per_step))
+
+  def encode(self, params: Any, image: np.ndarray, progress: ProgressFn | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
     """(H, W, C_in) image -> posterior (mean, logvar), each (H / f, W / f, C_lat) float32; H and W
-    must be multiples of the latent factor f. logvar clipped to [-30, 20] as ``AutoencoderKL``."""
+    must be multiples of the latent factor f. logvar clipped to [-30, 20] as ``AutoencoderKL``.
+    ``progress(phase='VAE encoder', done, total)`` after each device call (tile batches over all
+    stages; None: no calls)."""
     f = 2 ** self.latent_level
     if image.shape[0] % f or image.shape[1] % f:
       raise ValueError(f'image {image.shape[:2]} is not a multiple of the VAE factor {f}')
     geometry = self.geometry(image.shape[0] // f, image.shape[1] // f)
-    moments = self._run(encoder_program(self.vae), params, image, 0, geometry)
+    moments = self._run(encoder_program(self.vae), params, image, 0, geometry, progress,
+                        ENCODER_PHASE)
     mean, logvar = np.split(np.asarray(moments, np.float32), 2, axis=-1)
     return mean, np.clip(logvar, -30.0, 20.0)
 
-  def decode(self, params: Any, latent: np.ndarray) -> np.ndarray:
-    """(h, w, C_lat) latent (unscaled) -> (h f, w f, C_out) image, float32."""
+  def decode(self, params: Any, latent: np.ndarray, progress: ProgressFn | None = None
+             ) -> np.ndarray:
+    """(h, w, C_lat) latent (unscaled) -> (h f, w f, C_out) image, float32. ``progress``: as in
+    :meth:`encode`, phase ``'VAE decoder'``."""
     geometry = self.geometry(latent.shape[0], latent.shape[1])
-    image = self._run(decoder_program(self.vae), params, latent, self.latent_level, geometry)
+    image = self._run(decoder_program(self.vae), params, latent, self.latent_level, geometry,
+                      progress, DECODER_PHASE)
     return np.asarray(image, np.float32)
 
   def _run(self, program: list[Stage], params: Any, inputs: np.ndarray, level: int,
-           geometry: Geometry) -> np.ndarray:
-    """Runs ``program`` on ``inputs`` (at ``level``); returns the valid part of the last buffer."""
+           geometry: Geometry, progress: ProgressFn | None, phase: str) -> np.ndarray:
+    """Runs ``program`` on ``inputs`` (at ``level``); returns the valid part of the last buffer.
+    ``progress`` counts device calls: every stage makes ``ceil(tiles / batch)``."""
+    self.last_attention = self.attention_mode(geometry.h, geometry.w)
+    total, done = len(program) * math.ceil(geometry.tiles / self.batch), itertools.count(1)
+    tick = None if progress is None else (lambda: progress(phase, next(done), total))
     hp, wp = geometry.padded(level)
     buf = np.zeros((hp + 2 * BORDER, wp + 2 * BORDER, inputs.shape[-1]), np.dtype(self.net.dtype))
     buf[BORDER:BORDER + inputs.shape[0], BORDER:BORDER + inputs.shape[1]] = inputs
@@ -407,31 +531,37 @@ class TiledVAE:
       stage_params = {role: _get(params, path) for role, path in stage.params}
       stage_params = {k: v for k, v in stage_params.items() if v is not None}
       buffers[stage.dst], stats[stage.dst] = self._run_stage(stage, stage_params, buffers, stats,
-                                                             geometry)
+                                                             geometry, tick)
     h, w = geometry.valid(program[-1].level_out)
     return buffers['x'][BORDER:BORDER + h, BORDER:BORDER + w]
 
   def _key_values(self, buffers, geometry: Geometry):
-    """All keys and values (N, C) of the attention level, their validity, on every device."""
+    """The attention's keys and values on every device: exact mode, all (N, C) and their validity;
+    windowed, their (hp, wp, 2C) image (windows cut on the device)."""
     kv = buffers['kv'][BORDER:-BORDER, BORDER:-BORDER]
+    place = (lambda a: jax.device_put(a)) if self.sharding is None else (
+        lambda a: jax.device_put(a, jax.sharding.NamedSharding(self.sharding.mesh,
+                                                               jax.sharding.PartitionSpec())))
+    if self.last_attention.windowed:
+      return (place(kv),)
     hp, wp, c2 = kv.shape
     valid = geometry.valid(self.latent_level)
     rows, cols = np.meshgrid(np.arange(hp), np.arange(wp), indexing='ij')
     key_valid = ((rows < valid[0]) & (cols < valid[1])).reshape(-1)
     k, v = np.split(kv.reshape(hp * wp, c2), 2, axis=-1)
-    place = (lambda a: jax.device_put(a)) if self.sharding is None else (
-        lambda a: jax.device_put(a, jax.sharding.NamedSharding(self.sharding.mesh,
-                                                               jax.sharding.PartitionSpec())))
     return place(k), place(v), place(key_valid)
 
-  def _run_stage(self, stage: Stage, params: Any, buffers: dict, stats: dict, geometry: Geometry):
-    """One stage over every tile, in device batches -> (output buffer, its GroupNorm statistics)."""
+  def _run_stage(self, stage: Stage, params: Any, buffers: dict, stats: dict, geometry: Geometry,
+                 tick: Callable[[], None] | None = None):
+    """One stage over every tile, in device batches -> (output buffer, its GroupNorm statistics).
+    ``tick()`` after each device call."""
     c = geometry.core(stage.level_out)
     hp, wp = geometry.padded(stage.level_out)
     cores = [(y, x) for y in range(0, hp, c) for x in range(0, wp, c)]
     src = buffers[stage.src]
     residual_buf = buffers.get(stage.residual) if stage.residual else None
-    kv = self._key_values(buffers, geometry) if stage.kind == 'attention_out' else None
+    attention = self.last_attention if stage.kind == 'attention_out' else None
+    kv = self._key_values(buffers, geometry) if attention is not None else None
     stage_stats = stats.get(stage.src)
     stats_arg = None if stage_stats is None else tuple(jnp.asarray(s, jnp.float32)
                                                        for s in stage_stats)
@@ -448,8 +578,10 @@ class TiledVAE:
       origins = np.array([w[:2] for w in wins], np.int32)
       res_tiles = None if residual_buf is None else np.stack(
           [residual_buf[y + BORDER:y + BORDER + c, x + BORDER:x + BORDER + c] for y, x in batch])
-      y_tiles, parts = self._call(stage, params, x_tiles, origins, valid_in, valid_out, stats_arg,
-                                  res_tiles, kv)
+      y_tiles, parts = self._call(stage, attention, params, x_tiles, origins, valid_in, valid_out,
+                                  stats_arg, res_tiles, kv)
+      if tick is not None:
+        tick()
       if out is None:
         shape = (hp + 2 * BORDER, wp + 2 * BORDER, y_tiles.shape[-1])
         reuse = old is not None and old.shape == shape and old.dtype == y_tiles.dtype
@@ -464,7 +596,8 @@ class TiledVAE:
     size = out.shape[-1] // self.net.groups
     return out, (np.repeat(mean, size).astype(np.float32), np.repeat(var, size).astype(np.float32))
 
-  def _call(self, stage, params, x_tiles, origins, valid_in, valid_out, stats, res_tiles, kv):
+  def _call(self, stage, attention, params, x_tiles, origins, valid_in, valid_out, stats,
+            res_tiles, kv):
     """Pads the tile batch to ``self.batch``, shards it, runs the jitted stage, drops the padding."""
     count = len(x_tiles)
     extra = self.batch - count
@@ -472,8 +605,14 @@ class TiledVAE:
     x_tiles, origins, res_tiles = pad(x_tiles), pad(origins), pad(res_tiles)
     put = (lambda a: a) if self.sharding is None else (
         lambda a: None if a is None else jax.device_put(a, self.sharding))
-    chunk = self.tile * self.tile
-    y, parts = run_stage(stage.kernel_key(), self.net, chunk, params, put(x_tiles), put(origins),
+    # Without the (reported only) token count, a new image size recompiles only on new shapes.
+    static = None if attention is None else dataclasses.replace(attention, tokens=0)
+    y, parts = run_stage(stage.kernel_key(), self.net, static, params, put(x_tiles), put(origins),
                          valid_in, valid_out, stats, put(res_tiles), kv)
     y = np.asarray(y)[:count]
     return y, None if parts is None else np.asarray(parts)[:count]
+
+
+def default_attention_max_tokens() -> int:
+  """:data:`CPU_ATTENTION_MAX_TOKENS` on the CPU, else :data:`ACCELERATOR_ATTENTION_MAX_TOKENS`."""
+  return CPU_ATTENTION_MAX_TOKENS if xla.on_cpu() else ACCELERATOR_ATTENTION_MAX_TOKENS

@@ -1,13 +1,15 @@
-"""Latent tiling of the one-step UNet: the OSEDiff / OMGSR tile grid and Gaussian blend of epsilon.
+"""Latent tiling of a one-step backbone: the OSEDiff / OMGSR tile grid and Gaussian blend.
 
-When a latent is larger than the UNet's training size (OMGSR: ``h * w > tile ** 2`` with tile =
-process_size / 8 = 64 latent px, overlap 32; method-facts §1.7), the reference cuts it into square
-tiles, runs every tile through the UNet on its own, and blends the noise predictions::
+When a latent is larger than the backbone's training size (OMGSR: ``h * w > tile ** 2`` with tile =
+process_size / 8 = 64 latent px, overlap 32; OMGSR ``infer/omgsr_s_infer_model.py``), the reference
+cuts it into square tiles, runs every tile through the UNet on its own, and blends the noise
+predictions::
 
   eps(p) = sum_k g_k(p) eps_k(p) / sum_k g_k(p)        (g_k: the Gaussian weight map of tile k)
 
 Then one clean latent (OMGSR Eq. 7) and one decode of the whole latent follow. The same routine is in
-OSEDiff, S3Diff, OMGSR and SMFSR (method-facts §6); we keep its details, quirks included:
+OSEDiff ``test_osediff.py``, S3Diff ``src/s3diff_tile.py``, OMGSR and SMFSR; we keep its details,
+quirks included:
 
 * grid: along each axis, starts ``0, s, 2s, ...`` (``s = tile - overlap``) while a tile still ends
   before the border, then one last tile flush with the border (``length - tile``);
@@ -16,6 +18,11 @@ OSEDiff, S3Diff, OMGSR and SMFSR (method-facts §6); we keep its details, quirks
   (an inherited off-by-half asymmetry, kept so that outputs match the reference);
 * only when ``overlap >= tile`` (possible when the tile shrank) do we differ: the reference then loops
   forever, we use ``overlap = tile // 2``.
+
+Progress: :func:`map_batched` and :func:`tiled_prediction` take an optional ``progress(phase, done,
+total)`` (:data:`ProgressFn`, shared with the tiled VAE), called after every device call with the
+number of batches done and the total, known before the first call; a large image otherwise runs for
+minutes without a sign of life.
 """
 from __future__ import annotations
 
@@ -26,6 +33,10 @@ from typing import Callable
 import numpy as np
 
 GAUSSIAN_VARIANCE = 0.01
+LATENT_TILES_PHASE = 'latent tiles'
+
+# progress(phase, done, total): ``done`` of ``total`` batches (device calls) of ``phase`` finished.
+ProgressFn = Callable[[str, int, int], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,20 +127,35 @@ def pad_batch(items: np.ndarray, multiple: int) -> tuple[np.ndarray, int]:
 
 
 def map_batched(fn: Callable[[np.ndarray], np.ndarray], items: np.ndarray, batch: int,
-                multiple: int = 1) -> np.ndarray:
+                multiple: int = 1, progress: ProgressFn | None = None,
+                phase: str = LATENT_TILES_PHASE) -> np.ndarray:
   """``fn`` over ``items`` in chunks of ``batch`` (each padded to a multiple of ``multiple``, e.g. the
-  device count), concatenated. Every call sees the same chunk shape, so ``fn`` compiles once."""
+  device count), concatenated. Every call sees the same chunk shape, so ``fn`` compiles once.
+
+  ``progress`` (None: not called) receives ``(phase, chunks done, chunks in all)`` after each call of
+  ``fn``, once its output is on the host (so a device call is counted when it has finished).
+  """
   batch = max(multiple, batch - batch % multiple)
+  total = math.ceil(items.shape[0] / batch)
   outs = []
-  for start in range(0, items.shape[0], batch):
+  for index, start in enumerate(range(0, items.shape[0], batch)):
     chunk, count = pad_batch(items[start:start + batch], batch)
     outs.append(np.asarray(fn(chunk))[:count])
+    if progress is not None:
+      progress(phase, index + 1, total)
   return np.concatenate(outs)
 
 
-def tiled_epsilon(eps_fn: Callable[[np.ndarray], np.ndarray], latent: np.ndarray, grid: TileGrid,
-                  batch: int = 8, multiple: int = 1) -> np.ndarray:
-  """The blended noise prediction of a (h, w, C) latent: every tile through ``eps_fn`` (batches of
-  ``batch`` tiles), then :func:`blend_tiles`."""
+def tiled_prediction(predict_fn: Callable[[np.ndarray], np.ndarray], latent: np.ndarray,
+                     grid: TileGrid, batch: int = 8, multiple: int = 1,
+                     progress: ProgressFn | None = None) -> np.ndarray:
+  """The blended prediction over a (h, w, C) latent: every tile through ``predict_fn`` (batches of
+  ``batch`` tiles, padded to a multiple of ``multiple``), then :func:`blend_tiles`.
+
+  ``predict_fn`` may return the backbone output (the reference blends epsilon) or the clean latent
+  computed from it: one-step predictions are affine in the backbone output per pixel, and the blend
+  weights are normalised, so both orders give the same latent (``tests/test_latent_tiling.py``).
+  ``progress``: as in :func:`map_batched`, phase ``'latent tiles'``, counted in tile batches.
+  """
   tiles = extract_tiles(latent, grid)
-  return blend_tiles(map_batched(eps_fn, tiles, batch, multiple), grid)
+  return blend_tiles(map_batched(predict_fn, tiles, batch, multiple, progress), grid)

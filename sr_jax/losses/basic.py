@@ -1,6 +1,6 @@
 """Small OMGSR generator losses: latent representation refinement (LRR) and pixel L1.
 
-OMGSR Eq. 13 weights (HEAD, method-facts §1.2): lambda_LRR = 5, lambda_L1 = 0.5; the weights are
+OMGSR Eq. 13 weights (HEAD ``configs/omgsr_s_512.yml``): lambda_LRR = 5, lambda_L1 = 0.5; the weights are
 applied by the training step, not here.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Multi-level BCE GAN losses of OMGSR (Eq. 12, 14, 15) with one-sided soft labels.
 
-HEAD ``dinov3_gan/dinov3_convnext_disc.py`` (method-facts §1.5): BCE-with-logits; the real target and
+OMGSR HEAD ``dinov3_gan/dinov3_convnext_disc.py``: BCE-with-logits; the real target and
 the generator target are 0.8, the fake target 0; for each level the per-pixel BCE is averaged over the
 logit map, the levels are summed, and the result is averaged over the batch. The paper's Eq. 9
 "Sigmoid" is folded into the BCE (logits in, numerically stable).

@@ -1,6 +1,6 @@
 """DINOv3-ConvNeXt backbone in Flax linen (NHWC), matching `transformers.DINOv3ConvNextModel`.
 
-The OMGSR discriminator and the DINOv3-ConvNeXt DISTS loss (method-facts §1.5) use this frozen
+The OMGSR discriminator and the DINOv3-ConvNeXt DISTS loss (OMGSR ``dinov3_gan/``) use this frozen
 backbone on images in [-1, 1] mapped by :func:`imagenet_normalize` (no resize), and only the
 feature maps of the first 3 stages, where stage i is ``downsample_layers`` followed by the ConvNeXt
 blocks of stage i with no extra norm. The DISTS loss feeds an L2-pooled map of stage i into stage
@@ -29,7 +29,7 @@ _kernel_init = nn.initializers.truncated_normal(0.02)
 
 
 def imagenet_normalize(images: jax.Array) -> jax.Array:
-  """Maps NHWC images in [-1, 1] to ImageNet-normalised backbone input (method-facts §1.5).
+  """Maps NHWC images in [-1, 1] to ImageNet-normalised backbone input (OMGSR ``dinov3_gan/``).
 
   x -> x * 0.5 + 0.5 (to [0, 1]), then (x - mean) / std per channel. No resize.
   """

@@ -1,6 +1,6 @@
 """OMGSR multi-level discriminator: frozen DINOv3-ConvNeXt + trainable per-level heads (Sec. 3.6).
 
-HEAD ``dinov3_gan/dinov3_convnext_disc.py`` (method-facts §1.5), which we follow:
+OMGSR HEAD ``dinov3_gan/dinov3_convnext_disc.py``, which we follow:
 
 * Every D call (real, fake and the generator pass) first applies DiffAugment
   'color,translation,cutout' in [-1, 1] space, then :func:`imagenet_normalize` (no resize), then the

@@ -2,7 +2,7 @@
 
 LoRA (Hu et al. 2021, Eq. 3): a frozen layer ``W`` becomes ``h = W x + (alpha / r) B A x`` with
 ``A: in -> r`` and ``B: r -> out``. OMGSR trains only such A/B pairs on the UNet and on the VAE encoder
-(method-facts §1.2: targets conv1, conv2, conv_in, conv_shortcut, conv, conv_out, to_q, to_k, to_v,
+(``train/train_omgsr_s.py``: targets conv1, conv2, conv_in, conv_shortcut, conv, conv_out, to_q, to_k, to_v,
 to_out.0; alpha = r; 'gaussian' init).
 
 Design: the LoRA params are their own pytree, beside the frozen params, mirroring the module paths::
@@ -19,6 +19,15 @@ Names follow PEFT: a module matches if its dotted torch name (``sr_jax.weights``
 ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0``) equals a target or ends with
 ``'.' + target``; a string target is a regex that must match the whole name. PEFT adapter folders
 (``adapter_config.json`` + ``adapter_model.safetensors``) are read and written without torch.
+
+Sub-module adapters (``module_prefix``). OMGSR's trainer wraps ``vae.encoder`` itself in a
+``PeftModel``, so its VAE adapter names modules relative to the encoder (``base_model.model.conv_in``)
+and its inference code loads it with ``PeftModel.from_pretrained(vae.encoder, dir)``. Our LoRA trees
+always mirror the whole model (``{'encoder': {'conv_in': ...}}``); ``module_prefix='encoder'`` on the
+PEFT functions writes and reads that sub-module's layout, ``module_prefix=None`` (default) the whole
+model's (``base_model.model.encoder.conv_in`` with an ``exclude_modules`` regex for the rest). The
+layout is never guessed from the keys; a mismatch names the unknown and missing keys and, when the
+keys fit the other layout, says which ``module_prefix`` would read them.
 """
 from __future__ import annotations
 
@@ -40,7 +49,7 @@ from jax import lax
 from sr_jax.weights import (CheckpointError, flax_path_to_torch_key, flax_to_torch_array,
                             torch_to_flax_array)
 
-# OMGSR train/train_omgsr_s.py set_unet_lora / set_vae_encoder_lora (method-facts §1.2).
+# OMGSR train/train_omgsr_s.py set_unet_lora / set_vae_encoder_lora.
 OMGSR_TARGET_MODULES = ('conv1', 'conv2', 'conv_in', 'conv_shortcut', 'conv', 'conv_out', 'to_q', 'to_k',
                         'to_v', 'to_out.0')
 LORA_A, LORA_B = 'lora_A', 'lora_B'
@@ -114,24 +123,45 @@ def _layer_kernels(params: Mapping[str, Any]) -> dict[ModulePath, Any]:
   return {path[:-1]: leaf for path, leaf in flat.items() if path[-1] == 'kernel'}
 
 
+def _relative_name(torch_name: str, module_prefix: str | None) -> str | None:
+  """``torch_name`` relative to the sub-module ``module_prefix`` (None: outside it)."""
+  if module_prefix is None:
+    return torch_name
+  return torch_name[len(module_prefix) + 1:] if torch_name.startswith(module_prefix + '.') else None
+
+
+def _named_targets(params: Mapping[str, Any], config: LoRAConfig, module_prefix: str | None = None,
+                   allow_none: bool = False) -> dict[ModulePath, str]:
+  """Flax path -> torch name relative to ``module_prefix`` of each layer ``config`` targets, with
+  ``config`` matched against the relative names (as PEFT does on the wrapped sub-module). No match
+  raises unless ``allow_none`` (an adapter to check key by key)."""
+  kernels = _layer_kernels(params)
+  named = {}
+  for path in kernels:
+    name = _relative_name(flax_path_to_torch_key(path), module_prefix)
+    if name is not None and module_matches(config, name):
+      named[path] = name
+  if not named and not allow_none:
+    some = sorted(flax_path_to_torch_key(p) for p in kernels)[:12]
+    within = f' within {module_prefix!r}' if module_prefix else ''
+    raise ValueError(
+        f'LoRA target_modules={config.target_modules!r} (prefix={config.prefix!r}, '
+        f'exclude_modules={config.exclude_modules!r}) match no Dense/Conv layer{within}; layers '
+        f'include {some}')
+  for path in named:
+    if np.ndim(kernels[path]) not in (2, 4):
+      raise ValueError(f'LoRA supports Dense (2-D) and 2-D Conv (4-D) kernels; '
+                       f'{flax_path_to_torch_key(path)} has kernel shape {np.shape(kernels[path])}')
+  return named
+
+
 def target_paths(params: Mapping[str, Any], config: LoRAConfig) -> list[ModulePath]:
   """Flax module paths (in tree order) of the Dense/Conv layers that ``config`` targets.
 
   Raises:
     ValueError: if nothing matches (a wrong target list or prefix should not train nothing silently).
   """
-  kernels = _layer_kernels(params)
-  paths = [p for p in kernels if module_matches(config, flax_path_to_torch_key(p))]
-  if not paths:
-    some = sorted(flax_path_to_torch_key(p) for p in kernels)[:12]
-    raise ValueError(
-        f'LoRA target_modules={config.target_modules!r} (prefix={config.prefix!r}, '
-        f'exclude_modules={config.exclude_modules!r}) match no Dense/Conv layer; layers include {some}')
-  for path in paths:
-    if np.ndim(kernels[path]) not in (2, 4):
-      raise ValueError(f'LoRA supports Dense (2-D) and 2-D Conv (4-D) kernels; '
-                       f'{flax_path_to_torch_key(path)} has kernel shape {np.shape(kernels[path])}')
-  return paths
+  return list(_named_targets(params, config))
 
 
 def _lora_shapes(kernel_shape: Sequence[int], rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -268,57 +298,134 @@ def merge(params: Mapping[str, Any], lora_params: Mapping[str, Any], config: LoR
     key = path + ('kernel',)
     if key not in flat:
       raise KeyError(f'LoRA params at {"/".join(path)} but params have no kernel there')
-    a, b = pair[LORA_A], pair[LORA_B]
-    delta = jnp.einsum('...ir,ro->...io', jnp.asarray(a, jnp.float32),
-                       jnp.asarray(b, jnp.float32).reshape(b.shape[-2:]), precision=lax.Precision.HIGHEST)
-    kernel = flat[key]
+    a, b, kernel = pair[LORA_A], pair[LORA_B], flat[key]
+    # Host arrays merge in numpy: eager jnp ops would compile one program per layer shape.
+    xp = np if all(isinstance(x, np.ndarray) for x in (a, b, kernel)) else jnp
+    a32, b32 = xp.asarray(a, xp.float32), xp.asarray(b, xp.float32).reshape(b.shape[-2:])
+    delta = (a32.reshape(-1, a32.shape[-1]) @ b32).reshape(a32.shape[:-1] + b32.shape[-1:]) \
+        if xp is np else jnp.einsum('...ir,ro->...io', a32, b32, precision=lax.Precision.HIGHEST)
     if delta.shape != kernel.shape:
       raise ValueError(f'LoRA at {"/".join(path)} gives a {delta.shape} update for kernel {kernel.shape}')
-    flat[key] = (jnp.asarray(kernel, jnp.float32) + config.scale * delta).astype(kernel.dtype)
+    flat[key] = (xp.asarray(kernel, xp.float32) + config.scale * delta).astype(kernel.dtype)
   return traverse_util.unflatten_dict(flat)
 
 
 # ------------------------------------------------------------------------------------------------
 # PEFT layout: '<torch module name>.lora_A.weight' (Linear (r, in), Conv2d (r, in, kh, kw)) and
-# '<torch module name>.lora_B.weight' (Linear (out, r), Conv2d (out, r, 1, 1)).
+# '<torch module name>.lora_B.weight' (Linear (out, r), Conv2d (out, r, 1, 1)), the module names
+# relative to ``module_prefix`` when one is given (see the module docstring).
 
 
-def to_peft_state_dict(lora_params: Mapping[str, Any], config: LoRAConfig,
-                       key_prefix: str = '') -> dict[str, np.ndarray]:
+def _check_patterns_stay_inside(patterns: tuple[str, ...] | str | None, module_prefix: str,
+                                what: str) -> None:
+  """Refuses suffix patterns that would match differently on names inside ``module_prefix`` and on
+  whole-model names: those whose leading names are the trailing names of ``module_prefix`` (e.g.
+  'encoder.conv_in' for module 'encoder' matches 'encoder.conv_in' but never the inner 'conv_in')."""
+  if patterns is None or isinstance(patterns, str):
+    return
+  outer = module_prefix.split('.')
+  for pattern in patterns:
+    inner = pattern.split('.')
+    if any(inner[:i] == outer[-i:] for i in range(1, min(len(inner), len(outer) + 1))):
+      raise ValueError(f'LoRA {what} pattern {pattern!r} names part of the module prefix '
+                       f'{module_prefix!r}; it would match other modules once read relative to it')
+
+
+def _sub_module_config(config: LoRAConfig, module_prefix: str) -> LoRAConfig:
+  """``config`` (matched on whole-model names) as PEFT sees it on the sub-module ``module_prefix``."""
+  prefix = config.prefix
+  if prefix is not None and prefix != module_prefix and not prefix.startswith(module_prefix + '.'):
+    raise ValueError(f'LoRA config prefix {prefix!r} lies outside module_prefix {module_prefix!r}')
+  for what in ('target_modules', 'exclude_modules'):
+    patterns = getattr(config, what)
+    if isinstance(patterns, str):
+      raise ValueError(f'LoRA {what} regex {patterns!r} is matched against whole-model names and '
+                       f'cannot be written relative to {module_prefix!r}; use a list of names')
+    _check_patterns_stay_inside(patterns, module_prefix, what)
+  inner = None if prefix in (None, module_prefix) else prefix[len(module_prefix) + 1:]
+  return dataclasses.replace(config, prefix=inner)
+
+
+def _whole_model_config(config: LoRAConfig, module_prefix: str) -> LoRAConfig:
+  """Inverse of :func:`_sub_module_config`: a sub-module adapter's config on whole-model names (a
+  regex is anchored below ``module_prefix``; with ``prefix`` set both select the same layers)."""
+  def reroot(patterns, what):
+    if isinstance(patterns, str):
+      return rf'{re.escape(module_prefix)}\.(?:{patterns})'
+    _check_patterns_stay_inside(patterns, module_prefix, what)
+    return patterns
+  prefix = module_prefix if config.prefix is None else f'{module_prefix}.{config.prefix}'
+  exclude = None if config.exclude_modules is None else reroot(config.exclude_modules,
+                                                               'exclude_modules')
+  return dataclasses.replace(config, prefix=prefix, exclude_modules=exclude,
+                             target_modules=reroot(config.target_modules, 'target_modules'))
+
+
+def to_peft_state_dict(lora_params: Mapping[str, Any], config: LoRAConfig, key_prefix: str = '',
+                       module_prefix: str | None = None) -> dict[str, np.ndarray]:
   """LoRA tree -> PEFT adapter state dict (numpy, torch layout), as ``get_peft_model_state_dict``.
 
   ``key_prefix=''`` gives the keys of a model with injected adapters (diffusers ``add_adapter``);
   :data:`PEFT_MODEL_PREFIX` gives those of a ``PeftModel`` file, which both loaders accept.
+  ``module_prefix`` names the modules relative to that sub-module (every LoRA module must be in it).
   """
   del config  # the layout does not depend on it; kept for a symmetric signature
   state = {}
   for path, pair in _adapters(lora_params).items():
-    name = key_prefix + flax_path_to_torch_key(path)
+    torch_name = flax_path_to_torch_key(path)
+    name = _relative_name(torch_name, module_prefix)
+    if name is None:
+      raise ValueError(f'LoRA on {torch_name} lies outside module_prefix {module_prefix!r}, the '
+                       'sub-module this adapter is written for')
     for which in (LORA_A, LORA_B):
-      state[f'{name}.{which}.weight'] = np.ascontiguousarray(
+      state[f'{key_prefix}{name}.{which}.weight'] = np.ascontiguousarray(
           flax_to_torch_array(np.asarray(pair[which], np.float32), 'kernel'))
   return state
 
 
+def _strip_peft_prefix(key: str) -> str:
+  return key[len(PEFT_MODEL_PREFIX):] if key.startswith(PEFT_MODEL_PREFIX) else key
+
+
+def _layout_hint(unknown: Sequence[str], expected: Mapping[str, Any],
+                 module_prefix: str | None) -> str:
+  """When every unknown key fits the other layout (whole model vs sub-module), says how to read it."""
+  bare = [_strip_peft_prefix(k) for k in unknown]
+  if not bare:
+    return ''
+  if module_prefix is not None:
+    if all(k.startswith(module_prefix + '.') for k in bare):
+      return (f'\n  the keys name whole-model modules ({module_prefix}.*), not modules of the '
+              f'sub-module {module_prefix!r}: read them with module_prefix=None')
+    return ''
+  for top in sorted({k.split('.', 1)[0] for k in expected}):
+    if all(f'{top}.{k}' in expected for k in bare):
+      return (f'\n  the keys name modules of the sub-module {top!r} (an adapter of that module '
+              f'alone): read them with module_prefix={top!r}')
+  return ''
+
+
 def from_peft_state_dict(state_dict: Mapping[str, Any], params: Mapping[str, Any],
-                         config: LoRAConfig, dtype: Any = np.float32) -> dict:
+                         config: LoRAConfig, dtype: Any = np.float32,
+                         module_prefix: str | None = None) -> dict:
   """PEFT adapter state dict (with or without ``base_model.model.``) -> LoRA tree for ``params``.
 
   Every module that ``config`` targets in ``params`` must have both weights with the expected shapes.
+  With ``module_prefix``, the keys and ``config`` are those of an adapter of that sub-module of
+  ``params`` (``conv_in.lora_A.weight`` for ``encoder.conv_in``); the tree still mirrors ``params``.
 
   Raises:
     CheckpointError: naming every unknown and missing key, or the first key with a wrong shape.
   """
   kernels = _layer_kernels(params)
   expected = {}
-  for path in target_paths(params, config):
+  for path, name in _named_targets(params, config, module_prefix, allow_none=True).items():
     a_shape, b_shape = _lora_shapes(np.shape(kernels[path]), config.rank)
-    name = flax_path_to_torch_key(path)
     expected[f'{name}.{LORA_A}.weight'] = (path + (LORA_A,), a_shape)
     expected[f'{name}.{LORA_B}.weight'] = (path + (LORA_B,), b_shape)
   flat, unknown = {}, []
   for key, value in state_dict.items():
-    bare = key[len(PEFT_MODEL_PREFIX):] if key.startswith(PEFT_MODEL_PREFIX) else key
+    bare = _strip_peft_prefix(key)
     if bare not in expected:
       unknown.append(key)
       continue
@@ -330,9 +437,11 @@ def from_peft_state_dict(state_dict: Mapping[str, Any], params: Mapping[str, Any
     flat[path] = array.astype(dtype)
   missing = [k for k, (path, _) in expected.items() if path not in flat]
   if unknown or missing:
+    within = f' of sub-module {module_prefix!r}' if module_prefix else ''
     raise CheckpointError(
-        'LoRA state dict does not match the targeted modules:\n'
-        f'  unknown ({len(unknown)}): {sorted(unknown)}\n  missing ({len(missing)}): {sorted(missing)}')
+        f'LoRA state dict does not match the targeted modules{within}:\n'
+        f'  unknown ({len(unknown)}): {sorted(unknown)}\n  missing ({len(missing)}): {sorted(missing)}'
+        + _layout_hint(unknown, expected, module_prefix))
   return traverse_util.unflatten_dict(flat)
 
 
@@ -347,8 +456,12 @@ def _suffix_regex(patterns: tuple[str, ...] | str) -> str:
   return r'(?:.*\.)?(?:' + '|'.join(re.escape(p) for p in patterns) + ')'
 
 
-def peft_adapter_config(config: LoRAConfig, base_model_name_or_path: str | None = None) -> dict:
-  """The ``adapter_config.json`` dict that makes PEFT build exactly the layers :func:`apply` uses."""
+def peft_adapter_config(config: LoRAConfig, base_model_name_or_path: str | None = None,
+                        module_prefix: str | None = None) -> dict:
+  """The ``adapter_config.json`` dict that makes PEFT build exactly the layers :func:`apply` uses
+  (on the sub-module ``module_prefix`` when given: no exclude regex is then needed for OMGSR)."""
+  if module_prefix is not None:
+    config = _sub_module_config(config, module_prefix)
   exclude: Any = list(config.exclude_modules) if isinstance(config.exclude_modules, tuple) else \
       config.exclude_modules
   if config.prefix is not None:
@@ -399,42 +512,78 @@ def config_from_peft(adapter_config: Mapping[str, Any]) -> LoRAConfig:
 
 def save_peft_adapter(directory: str | os.PathLike, lora_params: Mapping[str, Any], config: LoRAConfig,
                       base_model_name_or_path: str | None = None,
-                      key_prefix: str = PEFT_MODEL_PREFIX) -> str:
+                      key_prefix: str = PEFT_MODEL_PREFIX,
+                      module_prefix: str | None = None) -> str:
   """Writes a PEFT adapter folder: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
   With the default ``key_prefix`` (``PeftModel.save_pretrained``'s layout) it loads with
   ``PeftModel.from_pretrained(torch_model, directory)`` and ``set_peft_model_state_dict``; with
   ``key_prefix=''`` it loads with diffusers ``model.load_lora_adapter(directory, prefix=None,
   weight_name='adapter_model.safetensors')``, which reads the LoRA config from the file's
-  ``lora_adapter_metadata`` (written in both cases).
+  ``lora_adapter_metadata`` (written in both cases). With ``module_prefix`` (e.g. 'encoder') keys and
+  config are those of that sub-module: ``PeftModel.from_pretrained(vae.encoder, directory)``, as the
+  OMGSR inference code loads its VAE adapter.
+
+  Raises:
+    ValueError: a LoRA module outside ``module_prefix``, or one that the written config would not
+      target (PEFT would not build it).
   """
   from safetensors.numpy import save_file
   directory = os.fspath(directory)
+  adapter_config = peft_adapter_config(config, base_model_name_or_path, module_prefix)
+  inner = config if module_prefix is None else _sub_module_config(config, module_prefix)
+  state = to_peft_state_dict(lora_params, config, key_prefix='', module_prefix=module_prefix)
+  untargeted = sorted({n for n in (k.rsplit('.', 2)[0] for k in state)
+                       if not module_matches(inner, n)})
+  if untargeted:
+    raise ValueError(f'LoRA modules {untargeted} are not targeted by the adapter config '
+                     f'(target_modules={inner.target_modules!r}, prefix={inner.prefix!r})')
   os.makedirs(directory, exist_ok=True)
-  adapter_config = peft_adapter_config(config, base_model_name_or_path)
   with open(os.path.join(directory, ADAPTER_CONFIG_NAME), 'w') as f:
     json.dump(adapter_config, f, indent=2, sort_keys=True)
   metadata = {'format': 'pt', 'lora_adapter_metadata': json.dumps(adapter_config, sort_keys=True)}
-  save_file(to_peft_state_dict(lora_params, config, key_prefix=key_prefix),
+  save_file({key_prefix + k: v for k, v in state.items()},
             os.path.join(directory, ADAPTER_WEIGHTS_NAME), metadata=metadata)
   return directory
 
 
 def load_peft_adapter(directory: str | os.PathLike, params: Mapping[str, Any], dtype: Any = np.float32,
-                      prefix: str | None = None) -> tuple[dict, LoRAConfig]:
+                      prefix: str | None = None, module_prefix: str | None = None
+                      ) -> tuple[dict, LoRAConfig]:
   """Reads a PEFT adapter folder (ours or ``PeftModel.save_pretrained``'s) -> (LoRA tree, config).
 
-  ``prefix`` restricts the targets when the adapter was trained on a sub-model: OMGSR's VAE-encoder
-  adapter (saved from a VAE whose decoder was deleted) loads into full VAE params with
-  ``prefix='encoder'``, or into ``parts=('encoder',)`` params without one.
+  Layouts, chosen by the caller (never guessed):
+
+  * ``module_prefix=None`` (default): keys of the model ``params`` mirrors, e.g. a whole-VAE
+    adapter (``base_model.model.encoder.conv_in...``). ``prefix`` restricts the targets when the
+    adapter was trained on a copy of the model missing some parts: an old OMGSR VAE adapter (saved
+    from a VAE whose decoder was deleted) loads into full VAE params with ``prefix='encoder'``.
+  * ``module_prefix='encoder'``: the adapter of the sub-module ``encoder`` alone
+    (``base_model.model.conv_in...``), as OMGSR's trainer writes it (``PeftModel(vae.encoder)``) and
+    :func:`save_peft_adapter` with the same ``module_prefix``. The LoRA tree still mirrors
+    ``params``; the returned config matches whole-model names (its ``prefix`` is ``module_prefix``).
+
+  Raises:
+    CheckpointError: unknown / missing keys (with the other layout's ``module_prefix`` when the keys
+      fit it) or a shape mismatch, prefixed with ``directory``.
   """
   from safetensors.numpy import load_file
   directory = os.fspath(directory)
   with open(os.path.join(directory, ADAPTER_CONFIG_NAME)) as f:
     config = config_from_peft(json.load(f))
   if prefix is not None:
+    if module_prefix is not None:
+      raise ValueError('pass prefix (whole-model adapter) or module_prefix (sub-module adapter), '
+                       'not both')
     config = dataclasses.replace(config, prefix=prefix)
   weights = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
   if not os.path.isfile(weights):
     raise FileNotFoundError(f'{weights} not found (pickled adapter_model.bin files are not read)')
-  return from_peft_state_dict(load_file(weights), params, config, dtype=dtype), config
+  try:
+    tree = from_peft_state_dict(load_file(weights), params, config, dtype=dtype,
+                                module_prefix=module_prefix)
+  except CheckpointError as e:
+    raise CheckpointError(f'{directory}: {e}') from None
+  if module_prefix is not None:
+    config = _whole_model_config(config, module_prefix)
+  return tree, config

@@ -44,6 +44,13 @@ _DEFAULTS = {
 }
 
 
+def split_vae_params(params: Mapping[str, Any]) -> tuple[dict, dict]:
+  """Full AutoencoderKL params -> (encoder [+ quant_conv], [post_quant_conv +] decoder); VAEs
+  without quant convs (SD3, FLUX) have neither conv."""
+  return ({k: params[k] for k in ENCODER_PARAMS if k in params},
+          {k: params[k] for k in DECODER_PARAMS if k in params})
+
+
 def parse_vae_config(config: Mapping[str, Any]) -> dict[str, Any]:
   """Validates a diffusers AutoencoderKL config and returns our constructor kwargs.
 

@@ -10,28 +10,24 @@ exactly the lax / cuDNN ops:
   takes as its ``conv_general_dilated`` attribute, so modules, param names and LoRA interception are
   unchanged. On CPU it computes
   - depthwise convolutions (ConvNeXt's 7x7) as a sum of shifted multiply-adds, one block of channels
-    per loop step: Eigen has no depthwise kernel and was ~14x slower;
+    per loop step: Eigen has no depthwise kernel;
   - stride-1 float32 convolutions over at most ``PATCH_MATMUL_MAX_PIXELS`` output pixels (the UNet's
     16x16 and 8x8 levels) with a patch matrix of at most ``PATCH_MATMUL_MAX_ELEMENTS`` as one matmul
-    of the image patches (im2col): 1.4-3.5x faster than XLA's convolution when YNNPACK took the
-    dots, 0-6% since :func:`compiler_options` turns YNNPACK off;
+    of the image patches (im2col);
   - stride-1 3x3 float32 convolutions over at least ``WINOGRAD_MIN_PIXELS`` output pixels (the VAE
     at 128² and above) with Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray 2016): 16
     batched matmuls instead of 36 multiply-adds per output 2x2 tile. The transforms only add and
-    halve, so fp32 rounding stays at the level of the direct sum (measured max error vs PyTorch
-    equal to the direct convolution's).
-  The thresholds come from per-shape and whole-model timings on the 2-core development VM
-  (benchmarks/RESULTS.md): elsewhere (the UNet's 64x64 and 32x32 levels) XLA's own convolution was
-  the fastest of the three.
-* :func:`compiler_options` are the XLA options to compile model code with (``jax.jit(...,
-  compiler_options=...)``): on CPU they keep XLA from handing fused dot/elementwise subgraphs to
-  YNNPACK, which was 4-7% slower on every model here.
+    halve, so fp32 rounding stays at the level of the direct sum.
+  The thresholds come from per-shape and whole-model timings on the 2-core development VM (the
+  figures are in benchmarks/RESULTS.md, "Models vs PyTorch"): elsewhere (the UNet's 64x64 and
+  32x32 levels) XLA's own convolution was the fastest of the three.
+* Compile model code with :func:`sr_jax.xla.compiler_options` (no YNNPACK fusions on the CPU).
 * :func:`dot_product_attention` keeps cuDNN on GPU and otherwise runs matmuls over (head, query
   block) steps (``lax.map``), so a step's keys, values and float32 scores stay cache-sized and XLA
   never rearranges a score-sized tensor; the softmax is exact (max-subtracted, float32; the max via
   :func:`row_max`, since XLA:CPU does not vectorise a max reduction). Like flash
-  attention, the backward pass recomputes each chunk's scores instead of keeping them: kept, the
-  SD2.1 UNet's five 4096-token self-attentions hold ~3 GiB of float32 scores per 512² image.
+  attention, the backward pass recomputes each chunk's scores instead of keeping them (kept, the
+  SD2.1 UNet's five 4096-token self-attentions would hold 5 x 5 heads x 4096^2 float32 scores).
 """
 from __future__ import annotations
 
@@ -44,14 +40,14 @@ import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-# Per-image output sizes (H x W) where the CPU paths beat XLA's convolution (measured, fp32, batch 1):
-# patches-matmul up to 16x16 (8x8 1280->1280: 12 ms vs 42 ms with YNNPACK's dots, 13 vs 13 ms
-# without); Winograd from 128x128 (the SD VAE
-# decoder: 11.8 s vs 13.1 s with XLA's convolution below 512 channels); at the UNet's 64x64 level
-# XLA's convolution was ~10% faster than Winograd.
+from sr_jax.xla import on_cpu
+
+# Per-image output sizes (H x W) where the CPU paths beat XLA's convolution (fp32, batch 1; the
+# timings are in benchmarks/RESULTS.md): patches-matmul up to 16x16, Winograd from 128x128 (the VAE);
+# at the UNet's 64x64 level XLA's convolution was faster than Winograd.
 PATCH_MATMUL_MAX_PIXELS = 256
 # ... and while the patch matrix stays below this many elements (17 MiB fp32): at 16x16 with 2560
-# input channels XLA's convolution was faster (88 vs 104 ms), with 1920 the matmul (61 vs 63 ms).
+# input channels XLA's convolution was faster, with 1920 the matmul.
 PATCH_MATMUL_MAX_ELEMENTS = 256 * 9 * 1920
 WINOGRAD_MIN_PIXELS = 128 * 128
 # CPU attention block: about this many float32 scores (8 MiB) per (head, query block) step.
@@ -63,37 +59,6 @@ DEPTHWISE_CHANNEL_BLOCK = 64
 
 # F(2x2, 3x3) transforms: kernel G, input B^T and output A^T (Lavin & Gray 2016, Eq. 7-8).
 _WINOGRAD_G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float32)
-
-
-def on_cpu() -> bool:
-  """True when the default backend (the one `jax.jit` compiles for) is the CPU."""
-  return jax.default_backend() == 'cpu'
-
-
-def compiler_options() -> dict[str, Any]:
-  """XLA options for compiling model code on this backend (``jax.jit(..., compiler_options=...)``
-  or ``Lowered.compile``); empty off the CPU.
-
-  jaxlib 0.10's XLA:CPU hands dots together with their elementwise neighbours to YNNPACK, which
-  needs its operands materialised: biases broadcast to full activations, shifted copies of the
-  depthwise input. With that off (dots then run on XLA's own kernels) every jitted forward pass was
-  faster on the 2-core VM (medians of 3-8 interleaved calls): SD2.1 UNet 5.06 vs 5.33 s, VAE encode
-  5.63 vs 5.86 s, decode 11.1 vs 11.7 s, ConvNeXt-L 1.93 vs 2.07 s. An empty list disables it.
-  """
-  return {'xla_cpu_experimental_ynn_fusion_type': ''} if on_cpu() else {}
-
-
-def training_compiler_options() -> dict[str, Any]:
-  """:func:`compiler_options` for a training step: on CPU also the memory-optimised scheduler.
-
-  XLA:CPU's default scheduler orders ops for thread concurrency and hoists the rematerialised
-  forward blocks to the start of the backward pass, so ``jax.checkpoint`` saved little: the SD VAE
-  decoder's gradient at 512² needed 6.3 GiB of temporaries with per-block remat, 3.7 GiB with the
-  memory-optimised schedule. GPU and TPU schedule for memory already.
-  """
-  if not on_cpu():
-    return {}
-  return {**compiler_options(), 'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}
 
 
 def _is_nhwc_hwio(dimension_numbers: Any, ndim: int) -> bool:
@@ -152,9 +117,8 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array,
 
   The loop is what makes XLA keep the result: written as one expression, XLA fused the 49
   multiply-adds into each consumer (ConvNeXt's LayerNorm: mean, mean of squares, normalisation) and
-  so computed the convolution three times (a stage-3 ConvNeXt-L block: 66 ms, 55 ms with the loop).
-  Each kernel row is summed on its own and the rows pairwise: one chain of 49 dependent adds kept
-  the CPU waiting on each add's latency (32x32x768: 3.6 ms, 2.8 ms summed by rows).
+  so computed the convolution three times. Each kernel row is summed on its own and the rows
+  pairwise: one chain of 49 dependent adds kept the CPU waiting on each add's latency.
   """
   kh, kw = kernel.shape[:2]
   acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
@@ -225,7 +189,8 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array,
   Output tile (a, b) covers rows/cols 2a..2a+1 / 2b..2b+1 and reads a 4x4 input patch:
   ``Y = A^T [(G g G^T) * (B^T d B)] A``, the elementwise product being 16 matmuls over channels.
   The transformed input is 4x the input, so a batch runs image by image (``lax.map``): memory stays
-  that of one image (a batch of 8 at 512² would otherwise need ~4 GiB per VAE conv).
+  that of one image (a batch of 8 at 512² would otherwise hold 8 x 4 x 256² x 128 floats per VAE
+  conv).
 
   Derivatives (:func:`_winograd_jvp`) are those of the direct convolution, which is the same linear
   map: differentiating the transforms instead would keep 4x-sized tiles for the backward pass.
@@ -281,7 +246,7 @@ def _winograd_batch(x: jax.Array, kernel: jax.Array,
 def row_max(x: jax.Array, width: int = ROW_MAX_SLICE) -> jax.Array:
   """``x.max(axis=-1)``, exactly, as the elementwise maximum of ``width``-wide column slices, then
   the max over ``width``: XLA:CPU does not vectorise a max reduction along the minor axis (NaN
-  propagation), but does an elementwise maximum (512 x 4096 scores: 0.30 vs 1.0 ms)."""
+  propagation), but does an elementwise maximum."""
   n = x.shape[-1]
   if n % width or n < 2 * width:
     return x.max(axis=-1)
@@ -305,8 +270,8 @@ def chunked_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                       chunk_scores: int | None = None) -> jax.Array:
   """Exact softmax attention, one head and a block of queries at a time (``lax.map``): each step
   scores a block of about ``chunk_scores`` (default `ATTENTION_CHUNK_SCORES`) queries x keys
-  against that head's keys and values only, which stay cache-resident (SD2.1's 4096-token layers:
-  137 ms vs 172 ms with all heads per step)."""
+  against that head's keys and values only, which stay cache-resident (faster than all heads per
+  step on SD2.1's 4096-token layers)."""
   b, lq, heads, d = query.shape
   lk, dv = key.shape[1], value.shape[-1]
   bh = b * heads

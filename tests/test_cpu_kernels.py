@@ -1,13 +1,14 @@
-"""The CPU fast paths of sr_jax/models/kernels.py compute what the plain lax / jax.nn ops compute."""
+"""The CPU fast paths of sr_jax/models/cpu_kernels.py compute what the plain lax / jax.nn ops compute."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
 
-from sr_jax.models import kernels
+from sr_jax.models import cpu_kernels
 from sr_jax.models import layers
 from sr_jax.models.dinov3 import DINOv3ConvNextLayer
+from sr_jax import xla
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
 TOL = dict(rtol=1e-5, atol=1e-5)  # float32; the paths only reorder sums
@@ -25,12 +26,12 @@ def test_winograd_3x3_equals_direct_convolution(shape, padding):
   kx, kk = jax.random.split(jax.random.key(0))
   x = jax.random.normal(kx, shape)
   k = jax.random.normal(kk, (3, 3, shape[-1], 6)) / 3
-  got = kernels.winograd_conv3x3(x, k, padding, precision=lax.Precision.HIGHEST)
+  got = cpu_kernels.winograd_conv3x3(x, k, padding, precision=lax.Precision.HIGHEST)
   np.testing.assert_allclose(got, _lax_conv(x, k, padding), **TOL)
 
 
 def _dispatch(x, k, pad):
-  return lambda: kernels.conv_general_dilated(x, k, (1, 1), pad, dimension_numbers=NHWC,
+  return lambda: cpu_kernels.conv_general_dilated(x, k, (1, 1), pad, dimension_numbers=NHWC,
                                               precision=lax.Precision.HIGHEST)
 
 
@@ -48,13 +49,13 @@ def test_conv_dispatch_picks_each_path_by_size_and_channels_and_matches_lax(monk
   np.testing.assert_allclose(_dispatch(small, k1x3, ((0, 0), (2, 0)))(),
                              _lax_conv(small, k1x3, ((0, 0), (2, 0))), **TOL)
 
-  monkeypatch.setattr(kernels, 'PATCH_MATMUL_MAX_ELEMENTS', 63 * 9 * 4 - 1)  # too many channels
+  monkeypatch.setattr(cpu_kernels, 'PATCH_MATMUL_MAX_ELEMENTS', 63 * 9 * 4 - 1)  # too many channels
   assert 'conv_general_dilated' in _primitives(_dispatch(small, k, pad))
   monkeypatch.undo()
 
   big = jax.random.normal(jax.random.key(4), (1, 20, 20, 4))    # 400 pixels: lax
   assert 'conv_general_dilated' in _primitives(_dispatch(big, k, pad))
-  monkeypatch.setattr(kernels, 'WINOGRAD_MIN_PIXELS', 400)      # a small model of the VAE rule
+  monkeypatch.setattr(cpu_kernels, 'WINOGRAD_MIN_PIXELS', 400)      # a small model of the VAE rule
   assert 'conv_general_dilated' not in _primitives(_dispatch(big, k, pad))  # Winograd
   np.testing.assert_allclose(_dispatch(big, k, pad)(), _lax_conv(big, k, pad), **TOL)
 
@@ -64,7 +65,7 @@ def test_depthwise_equals_grouped_convolution(channels):
   x = jax.random.normal(jax.random.key(3), (2, 20, 17, channels))
   k = jax.random.normal(jax.random.key(4), (7, 7, 1, channels)) / 7
   pad = ((3, 3), (3, 3))
-  conv = lambda a, b: kernels.conv_general_dilated(a, b, (1, 1), pad, dimension_numbers=NHWC,
+  conv = lambda a, b: cpu_kernels.conv_general_dilated(a, b, (1, 1), pad, dimension_numbers=NHWC,
                                                    feature_group_count=channels)
   np.testing.assert_allclose(conv(x, k), _lax_conv(x, k, pad, groups=channels), **TOL)
   loss = lambda fn: lambda a, b: jnp.sum(jnp.sin(fn(a, b)))
@@ -77,7 +78,7 @@ def test_depthwise_equals_grouped_convolution(channels):
 def test_depthwise_bfloat16_accumulates_in_float32():
   x = jax.random.normal(jax.random.key(3), (1, 16, 16, 8)).astype(jnp.bfloat16)
   k = (jax.random.normal(jax.random.key(4), (7, 7, 1, 8)) / 7).astype(jnp.bfloat16)
-  got = kernels.depthwise_conv(x, k, ((3, 3), (3, 3)))
+  got = cpu_kernels.depthwise_conv(x, k, ((3, 3), (3, 3)))
   assert got.dtype == jnp.bfloat16
   want = _lax_conv(x.astype(jnp.float32), k.astype(jnp.float32), ((3, 3), (3, 3)), groups=8)
   np.testing.assert_allclose(got.astype(jnp.float32), want.astype(jnp.bfloat16).astype(jnp.float32),
@@ -91,15 +92,15 @@ def test_depthwise_is_computed_once_in_a_convnext_block():
   layer = DINOv3ConvNextLayer(128)
   x = jnp.ones((1, 16, 16, 128))
   params = layer.init(jax.random.key(0), x)
-  compiled = jax.jit(layer.apply, compiler_options=kernels.compiler_options()).lower(params, x)
+  compiled = jax.jit(layer.apply, compiler_options=xla.compiler_options()).lower(params, x)
   hlo = compiled.compile().as_text()
   taps = [line for line in hlo.splitlines()
           if ' slice(' in line and line.split('=')[1].strip().startswith('f32[1,16,16,')]
   assert len(taps) == 49, len(taps)
 
 
-@pytest.mark.parametrize('conv,shape', [(kernels.winograd_conv3x3, (1, 66, 66, 3)),
-                                        (kernels.patch_matmul_conv, (2, 8, 6, 3))])
+@pytest.mark.parametrize('conv,shape', [(cpu_kernels.winograd_conv3x3, (1, 66, 66, 3)),
+                                        (cpu_kernels.patch_matmul_conv, (2, 8, 6, 3))])
 def test_fast_conv_gradients_equal_direct_convolution_gradients(conv, shape):
   x = jax.random.normal(jax.random.key(5), shape)
   k = jax.random.normal(jax.random.key(6), (3, 3, 3, 5))
@@ -117,7 +118,7 @@ def test_chunked_attention_equals_dot_product_attention(chunk_scores):
   q = jax.random.normal(kq, (2, 37, 3, 8))
   k = jax.random.normal(kk, (2, 40, 3, 8))
   v = jax.random.normal(kv, (2, 40, 3, 8))
-  got = kernels.chunked_attention(q, k, v, chunk_scores=chunk_scores)
+  got = cpu_kernels.chunked_attention(q, k, v, chunk_scores=chunk_scores)
   np.testing.assert_allclose(got, jax.nn.dot_product_attention(q, k, v), **TOL)
 
 
@@ -127,7 +128,7 @@ def test_winograd_derivative_is_one_direct_conv_without_frozen_kernel_gradient()
   x = jax.random.normal(jax.random.key(8), (2, 66, 64, 3))  # batch 2: the per-image lax.map path
   k = jax.random.normal(jax.random.key(9), (3, 3, 3, 5))
   pad = ((1, 1), (1, 1))
-  loss = lambda a: jnp.sum(jnp.sin(kernels.winograd_conv3x3(a, k, pad, lax.Precision.HIGHEST)))
+  loss = lambda a: jnp.sum(jnp.sin(cpu_kernels.winograd_conv3x3(a, k, pad, lax.Precision.HIGHEST)))
   np.testing.assert_allclose(
       jax.grad(loss)(x), jax.grad(lambda a: jnp.sum(jnp.sin(_lax_conv(a, k, pad))))(x),
       rtol=1e-4, atol=1e-4)
@@ -142,7 +143,7 @@ def test_chunked_attention_gradients_match_and_scores_are_recomputed():
   k = jax.random.normal(kk, (1, 48, 2, 8))
   v = jax.random.normal(kv, (1, 48, 2, 8))
   loss = lambda attend: lambda *qkv: jnp.sum(jnp.sin(attend(*qkv)))
-  chunked = lambda *qkv: kernels.chunked_attention(*qkv, chunk_scores=16 * 48)  # 4 blocks/head
+  chunked = lambda *qkv: cpu_kernels.chunked_attention(*qkv, chunk_scores=16 * 48)  # 4 blocks/head
   got = jax.grad(loss(chunked), argnums=(0, 1, 2))(q, k, v)
   want = jax.grad(loss(jax.nn.dot_product_attention), argnums=(0, 1, 2))(q, k, v)
   for g, w in zip(got, want):
@@ -154,9 +155,9 @@ def test_chunked_attention_gradients_match_and_scores_are_recomputed():
 
 
 def test_compiler_options_keep_dots_off_ynnpack_on_cpu():
-  options = kernels.compiler_options()
+  options = xla.compiler_options()
   assert options == {'xla_cpu_experimental_ynn_fusion_type': ''}  # the tests run on the CPU
-  assert kernels.training_compiler_options() == {
+  assert xla.training_compiler_options() == {
       **options, 'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}
   dense_gelu = lambda a, b: jax.nn.gelu(a @ b + 1.0)
   x = jnp.ones((64, 64))
@@ -181,4 +182,4 @@ def test_cudnn_attention_only_for_half_precision_and_even_sequence_lengths(monke
 def test_row_max_equals_max_over_the_last_axis(n):
   x = jax.random.normal(jax.random.key(n), (3, 5, n))
   x = x.at[1, 2, n // 3].set(50.0)  # the max inside one slice, away from the first
-  np.testing.assert_array_equal(kernels.row_max(x), x.max(axis=-1))
+  np.testing.assert_array_equal(cpu_kernels.row_max(x), x.max(axis=-1))
