@@ -37,7 +37,6 @@ sys.path.insert(0, os.path.join(REPO, 'tests'))
 
 from sr_jax.data import sources  # noqa: E402
 from sr_jax.inference import tiled_vae  # noqa: E402
-from sr_jax.models.vae import AutoencoderKL  # noqa: E402
 import tiny_diffusers  # noqa: E402  pylint: disable=g-import-not-at-top
 
 TEST_CONFIG = dict(block_out_channels=[32, 64, 64], down_block_types=['DownEncoderBlock2D'] * 3,

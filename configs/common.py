@@ -11,6 +11,9 @@ from typing import Sequence
 
 import ml_collections
 
+# OMGSR's UNet LoRA targets (train_omgsr_s.py), also used by TUDSR (same author, not stated).
+UNET_LORA_TARGETS = ('conv1', 'conv2', 'conv_in', 'conv_shortcut', 'conv', 'conv_out',
+                     'to_q', 'to_k', 'to_v', 'to_out.0')
 TINY_UNET = dict(
     block_out_channels=[32, 64], down_block_types=['CrossAttnDownBlock2D', 'DownBlock2D'],
     up_block_types=['UpBlock2D', 'CrossAttnUpBlock2D'], layers_per_block=1,
@@ -21,6 +24,13 @@ TINY_VAE = dict(
     up_block_types=['UpDecoderBlock2D'] * 3, layers_per_block=1, latent_channels=4,
     norm_num_groups=8, sample_size=64, scaling_factor=0.18215)
 TINY_DINOV3 = dict(hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1], layer_scale_init_value=0.5)
+# DINOv3-ViT at toy size: 9 blocks (TUDSR's D reads hidden states 3, 6, 9), patch 8 (64 px -> 8x8).
+TINY_DINOV3_VIT = dict(
+    model_type='dinov3_vit', patch_size=8, hidden_size=32, intermediate_size=64,
+    num_hidden_layers=9, num_attention_heads=2, num_register_tokens=2, layerscale_value=0.5,
+    hidden_act='gelu', layer_norm_eps=1e-5, rope_theta=100.0, use_gated_mlp=False,
+    query_bias=True, key_bias=False, value_bias=True, proj_bias=True, mlp_bias=True,
+    num_channels=3, image_size=64)
 # SD2.1-base's DDPM schedule (scaled-linear betas), as in its scheduler_config.json.
 SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear',
                     num_train_timesteps=1000, prediction_type='epsilon')

@@ -27,8 +27,7 @@ import ml_collections
 from configs import common
 from sr_jax.data import pipeline
 
-UNET_LORA_TARGETS = ('conv1', 'conv2', 'conv_in', 'conv_shortcut', 'conv', 'conv_out',
-                     'to_q', 'to_k', 'to_v', 'to_out.0')
+UNET_LORA_TARGETS = common.UNET_LORA_TARGETS
 
 
 def get_config(arg: str = '512') -> ml_collections.ConfigDict:

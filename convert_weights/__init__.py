@@ -6,6 +6,9 @@ Usage::
       [--prompt TEXT ...] [--variant fp16] [--revision R] [--dtype float32] [--allow-pickle]
   python -m convert_weights dinov3 --src facebook/dinov3-convnext-large-pretrain-lvd1689m \\
       --out ckpt/dinov3-convnext-large [--dtype float32] [--allow-pickle]
+  python -m convert_weights dinov3 --src facebook/dinov3-vitb16-pretrain-lvd1689m --out ckpt/dinov3-vitb16
+  python -m convert_weights dinov3 --src dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth \\
+      --out ckpt/dinov3-vitb16 --allow-pickle [--variant vitb16]
   python -m convert_weights perceptual --out ckpt/perceptual [--vgg16 PATH] [--alexnet PATH] \\
       [--allow-pickle]
   python -m convert_weights export --checkpoint WORKDIR_OR_BUNDLE --out DIR \\
@@ -15,7 +18,13 @@ Usage::
 honouring ``HF_HOME`` and ``HF_HUB_OFFLINE``; only the needed files). ``sd`` writes ``OUT/unet`` and
 ``OUT/vae`` (converted folders), ``OUT/scheduler_config.json`` (copied), and the CLIP text embedding of
 each ``--prompt`` (default: the empty prompt) in ``OUT/prompt_embeds.safetensors`` +
-``OUT/prompt_embeds.json``; ``dinov3`` writes one converted folder at ``OUT``. The folder format is
+``OUT/prompt_embeds.json``; ``dinov3`` writes one converted folder at ``OUT``, of kind ``dinov3`` (ConvNeXt)
+or ``dinov3_vit`` as the source's ``config.json`` ``model_type`` says. ``dinov3`` also reads a DINOv3-ViT
+in the original torch-hub layout (``--src`` a ``.pth`` file, or a folder holding one ``.pth`` and no
+``config.json``; a pickle, so only with ``--allow-pickle``): there ``--variant`` names the architecture
+(``vits16``, ``vits16plus``, ``vitb16``, ``vitl16``, ``vith16plus``; see
+``convert_weights/dinov3_original.py``), and without it the config is inferred from the tensor shapes;
+the written ``config.json`` is transformers' ``DINOv3ViTConfig``. The folder format is
 documented in :mod:`sr_jax.pretrained`. Weights are read from safetensors with numpy; pickles
 (``*.bin``) only with ``--allow-pickle`` (``torch.load(weights_only=True)``). Problems (missing file,
 missing/unexpected keys, shape mismatch, unreachable hub id) end the command with one ``error:`` line
@@ -43,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
   sd = commands.add_parser('sd', help='UNet + VAE + prompt embeddings of a Stable Diffusion pipeline')
   sd.add_argument('--prompt', action='append', default=None, metavar='TEXT',
                   help='prompt to encode with the CLIP text encoder (repeatable; default: "")')
-  dinov3 = commands.add_parser('dinov3', help='a transformers DINOv3-ConvNeXt backbone')
+  dinov3 = commands.add_parser(
+      'dinov3', help='a transformers DINOv3 backbone (ConvNeXt or ViT), or an original DINOv3-ViT .pth')
   perceptual = commands.add_parser(
       'perceptual', help='VGG16, AlexNet, LPIPS v0.1 heads and DISTS weights from installed packages')
   perceptual.add_argument('--out', required=True, help='output folder')
@@ -58,7 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument('--src', required=True, help='local folder or hub repo id')
     sub.add_argument('--out', required=True, help='output folder')
     sub.add_argument('--revision', default=None, help='hub revision (branch, tag or commit)')
-    sub.add_argument('--variant', default=None, help='weight file variant, e.g. fp16')
+    sub.add_argument('--variant', default=None,
+                     help='weight file variant, e.g. fp16 (dinov3 with a .pth source: the ViT '
+                          'architecture, vits16|vits16plus|vitb16|vitl16|vith16plus)')
     sub.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16', 'float16'),
                      help='dtype the converted params are stored in')
     sub.add_argument('--allow-pickle', action='store_true',
@@ -92,15 +104,27 @@ def convert_sd(args: argparse.Namespace) -> None:
 
 
 def convert_dinov3(args: argparse.Namespace) -> None:
-  """A transformers DINOv3-ConvNeXt folder into one converted folder at OUT."""
+  """A transformers DINOv3 folder (ConvNeXt or ViT, from its config.json), or an original torch-hub
+  DINOv3-ViT .pth, into one converted folder at OUT."""
+  from convert_weights import dinov3_original  # imports sr_jax.weights
   from sr_jax import pretrained
 
+  pth = dinov3_original.find_pth(args.src)
+  if pth is not None:
+    dinov3_original.convert_pth(pth, args.out, arch=args.variant, dtype=args.dtype,
+                                allow_pickle=args.allow_pickle, source=args.src)
+    print(f'dinov3_vit: {pth} (original layout) -> {args.out} ({args.dtype})')
+    return
+  if args.variant in dinov3_original.VIT_PRESETS:
+    raise ValueError(f'--variant {args.variant} names a ViT architecture, which only a .pth source '
+                     f'takes; {args.src} is a model folder (its config.json gives the architecture)')
   patterns = weight_patterns('', TRANSFORMERS_STEMS, variant=args.variant,
                              allow_pickle=args.allow_pickle)
   folder = resolve_source(args.src, revision=args.revision, allow_patterns=patterns)
-  pretrained.convert_folder(folder, args.out, 'dinov3', source=args.src, dtype=args.dtype,
+  kind = pretrained.dinov3_kind(folder)
+  pretrained.convert_folder(folder, args.out, kind, source=args.src, dtype=args.dtype,
                             variant=args.variant, allow_pickle=args.allow_pickle)
-  print(f'dinov3: {folder} -> {args.out} ({args.dtype})')
+  print(f'{kind}: {folder} -> {args.out} ({args.dtype})')
 
 
 def convert_perceptual(args: argparse.Namespace) -> None:

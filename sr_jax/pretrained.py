@@ -1,10 +1,11 @@
-"""Pretrained UNet, VAE and DINOv3-ConvNeXt loaders, and the sr_jax converted-folder format.
+"""Pretrained UNet, VAE and DINOv3 (ConvNeXt or ViT) loaders, and the sr_jax converted-folder format.
 
 Loading::
 
   unet, unet_params = pretrained.load_unet('ckpt/sd21')              # pipeline root or unet/ folder
   vae, vae_params = pretrained.load_vae('ckpt/sd21', parts=('encoder',))
   dino, dino_params = pretrained.load_dinov3('ckpt/dinov3-convnext-large')
+  vit, vit_params = pretrained.load_dinov3('ckpt/dinov3-vitb16')     # DINOv3ViTModel
   context = pretrained.load_prompt_embeds('ckpt/sd21')                # (1, L, C), the empty prompt
 
 Each ``load_*`` takes a folder that is one of
@@ -20,7 +21,10 @@ Each ``load_*`` takes a folder that is one of
 Raw checkpoints go through :func:`sr_jax.weights.convert_state_dict` against the abstract param tree
 (``jax.eval_shape`` of the module init on ``module.dummy_inputs()``), so a checkpoint that does not fit
 its config fails with a :class:`~sr_jax.weights.CheckpointError` listing missing and unexpected keys or
-naming the key and both shapes. transformers keeps a DINOv3 checkpoint's keys un-prefixed on disk, but
+naming the key and both shapes. ``load_dinov3`` reads the family from the folder: the marker kind of a
+converted folder, else ``config.json``'s ``model_type`` (``"dinov3_vit"`` -> kind ``"dinov3_vit"``,
+:class:`~sr_jax.models.dinov3_vit.DINOv3ViTModel`; ``"dinov3_convnext"`` or none -> kind ``"dinov3"``).
+transformers keeps a DINOv3 checkpoint's keys un-prefixed on disk, but
 a state dict taken from the in-memory model (or older exports) carries the base-model prefix
 ``model.`` on every backbone key; that one known prefix is stripped (:data:`KNOWN_PREFIXES`), nothing
 else is guessed.
@@ -32,7 +36,8 @@ Converted folder format (version :data:`FORMAT_VERSION`), written by ``python -m
                            ('down_blocks_0/resnets_1/conv1/kernel'), values already in Flax layout
                            (no transposes at load time); float32 unless converted with --dtype
   DIR/sr_jax.json          marker: {"format": "sr_jax", "format_version": 1, "kind": "unet" | "vae" |
-                           "dinov3", "model_class", "source", "dtype", "num_params"}
+                           "dinov3" | "dinov3_vit", "model_class", "source", "dtype",
+                           "num_params"}
 
 A converted SD pipeline root holds ``unet/`` and ``vae/`` (each a converted folder),
 ``scheduler_config.json`` (copied), an ``sr_jax.json`` marker of kind ``"sd"`` and the prompt
@@ -68,6 +73,7 @@ from safetensors.numpy import load_file as _load_safetensors
 from safetensors.numpy import save_file as _save_safetensors
 
 from sr_jax.models.dinov3 import DINOv3ConvNextModel
+from sr_jax.models.dinov3_vit import DINOv3ViTModel
 from sr_jax.models.unet import UNet2DConditionModel
 from sr_jax.models.vae import DECODER_PARAMS, ENCODER_PARAMS, AutoencoderKL
 from sr_jax.weights import (SAFETENSORS_INDEX_SUFFIX, CheckpointError, convert_state_dict,
@@ -81,8 +87,12 @@ CONFIG_FILE = 'config.json'
 SCHEDULER_CONFIG_FILE = 'scheduler_config.json'
 PROMPT_EMBEDS_FILE = 'prompt_embeds.safetensors'
 PROMPT_EMBEDS_JSON = 'prompt_embeds.json'
-# The base-model prefix of transformers' DINOv3ConvNextPreTrainedModel; stripped from keys carrying it.
-KNOWN_PREFIXES: dict[str, tuple[str, ...]] = {'unet': (), 'vae': (), 'dinov3': ('model.',)}
+# The base-model prefix of transformers' DINOv3ConvNext/ViT PreTrainedModel; stripped from keys
+# carrying it (in memory `model.stages.*` / `model.layer.*`; on disk un-prefixed).
+KNOWN_PREFIXES: dict[str, tuple[str, ...]] = {'unet': (), 'vae': (), 'dinov3': ('model.',),
+                                              'dinov3_vit': ('model.',)}
+# config.json `model_type` of each DINOv3 kind (load_dinov3 picks the kind from it).
+DINOV3_MODEL_TYPES = {'dinov3': 'dinov3_convnext', 'dinov3_vit': 'dinov3_vit'}
 STORAGE_DTYPES = {'float32': np.float32, 'float16': np.float16, 'bfloat16': jnp.bfloat16}
 
 
@@ -102,6 +112,7 @@ KINDS: dict[str, ModelKind] = {
     'vae': ModelKind('vae', AutoencoderKL, 'diffusion_pytorch_model', 'diffusion_pytorch_model',
                      'vae'),
     'dinov3': ModelKind('dinov3', DINOv3ConvNextModel, 'model', 'pytorch_model', None),
+    'dinov3_vit': ModelKind('dinov3_vit', DINOv3ViTModel, 'model', 'pytorch_model', None),
 }
 
 
@@ -190,8 +201,32 @@ def strip_known_prefixes(state: Mapping[str, np.ndarray], prefixes: Sequence[str
 # ------------------------------------------------------------------------------------ models
 
 def build_model(kind: str, config: Mapping[str, Any], **kwargs) -> Any:
-  """``KINDS[kind].model_class.from_config(config, **kwargs)``."""
+  """``KINDS[kind].model_class.from_config(config, **kwargs)``; a DINOv3 config of the other family
+  (its ``model_type``) is refused by name rather than built into a wrong model."""
+  found = config.get('model_type')
+  if kind in DINOV3_MODEL_TYPES and found in DINOV3_MODEL_TYPES.values() \
+      and found != DINOV3_MODEL_TYPES[kind]:
+    raise CheckpointError(f'config has model_type {found!r}, but kind {kind!r} is '
+                          f'{DINOV3_MODEL_TYPES[kind]!r} (use pretrained.load_dinov3, which picks '
+                          'the kind from the folder)')
   return KINDS[kind].model_class.from_config(config, **kwargs)
+
+
+def dinov3_kind(path: str | os.PathLike) -> str:
+  """``'dinov3_vit'`` or ``'dinov3'`` (ConvNeXt) for a DINOv3 folder: the marker kind of a converted
+  folder, else ``config.json``'s ``model_type`` (none: ConvNeXt, as before the ViT existed)."""
+  folder = os.fspath(path)
+  if is_converted(folder):
+    kind = _read_json(os.path.join(folder, MARKER_FILE)).get('kind')
+    if kind in DINOV3_MODEL_TYPES:
+      return kind
+  config_path = os.path.join(folder, CONFIG_FILE)
+  if os.path.isfile(config_path):
+    found = _read_json(config_path).get('model_type')
+    for kind, model_type in DINOV3_MODEL_TYPES.items():
+      if found == model_type:
+        return kind
+  return 'dinov3'  # load_model names what is missing or wrong
 
 
 @functools.lru_cache(maxsize=16)
@@ -307,11 +342,12 @@ def load_vae(path: str | os.PathLike, dtype: Any = jnp.float32, param_dtype: Any
 
 
 def load_dinov3(path: str | os.PathLike, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                *, allow_pickle: bool = False, variant: str | None = None
-                ) -> tuple[DINOv3ConvNextModel, dict]:
-  """``(DINOv3ConvNextModel, params)`` from a transformers folder or a converted folder."""
-  return load_model('dinov3', path, dtype=dtype, param_dtype=param_dtype,
-                    allow_pickle=allow_pickle, variant=variant)
+                *, allow_pickle: bool = False, variant: str | None = None, **model_kwargs
+                ) -> tuple[DINOv3ConvNextModel | DINOv3ViTModel, dict]:
+  """``(DINOv3ConvNextModel or DINOv3ViTModel, params)`` from a transformers folder or a converted
+  folder; the family comes from the folder (:func:`dinov3_kind`). ``model_kwargs``: e.g. ``remat``."""
+  return load_model(dinov3_kind(path), path, dtype=dtype, param_dtype=param_dtype,
+                    allow_pickle=allow_pickle, variant=variant, **model_kwargs)
 
 
 # ------------------------------------------------------------------------------------ writing

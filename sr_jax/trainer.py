@@ -19,7 +19,10 @@ else and names no method:
    ``<workdir>/export``.
 
 Config keys read (``ml_collections.ConfigDict``; defaults in ``TrainerOptions``):
-  max_steps          total optimizer steps (a resumed run continues up to it)
+  max_steps          total optimizer steps (a resumed run continues up to it); steps count
+                     optimizer updates: a method making ``updates_per_step`` updates per call
+                     advances the step by that much, and max_steps / log_every / sample_every /
+                     checkpoint_every must be multiples of it
   batch_size         global batch (all processes); divisible by the device count
   log_every          steps between metric logs / NaN checks (default 50)
   sample_every       steps between image grids, 0 = never (default 1000)
@@ -155,8 +158,9 @@ def jitted_train_step(train_step: Callable) -> Callable:
 
 
 @functools.lru_cache(maxsize=8)
-def make_step_fn(train_step: Callable) -> Callable:
-  """Wraps ``train_step`` to fold its metrics into the tracker (sums, NaN/Inf bookkeeping).
+def make_step_fn(train_step: Callable, updates_per_step: int = 1) -> Callable:
+  """Wraps ``train_step`` to fold its metrics into the tracker (sums, NaN/Inf bookkeeping); the
+  tracker's step advances by ``updates_per_step`` per call.
 
   Cached per ``train_step`` so that repeated runs in one process (tests, notebooks) reuse jax's
   trace and compile caches, which are keyed on the function object.
@@ -168,7 +172,7 @@ def make_step_fn(train_step: Callable) -> Callable:
     metrics = {k: jnp.mean(jnp.asarray(v, jnp.float32)) for k, v in metrics.items()}
     bad = {k: ~jnp.isfinite(v) for k, v in metrics.items()}
     any_bad = jnp.any(jnp.stack(list(bad.values()))) if bad else jnp.bool_(False)
-    step = tracker['step'] + 1
+    step = tracker['step'] + updates_per_step
     first = (tracker['first_bad_step'] < 0) & any_bad
     return state, {
         'sums': {k: tracker['sums'][k] + metrics[k] for k in metrics},
@@ -232,6 +236,18 @@ def _default_data_factory(config: Any) -> Iterator[dict]:
       worker_count=config.get('data_workers', 0), read_threads=config.get('data_read_threads', 1))
 
 
+def check_step_intervals(options: TrainerOptions, updates_per_step: int) -> None:
+  """Step counts must be whole train_step calls when one call makes several updates."""
+  if updates_per_step < 1:
+    raise ValueError(f'updates_per_step must be >= 1, got {updates_per_step}')
+  for key in ('max_steps', 'log_every', 'sample_every', 'checkpoint_every'):
+    value = getattr(options, key)
+    if value % updates_per_step:
+      raise ValueError(f'config.{key}={value} must be a multiple of the {updates_per_step} '
+                       f'optimizer updates one training step of this method makes (steps count '
+                       f'updates)')
+
+
 def _check_batch_size(options: TrainerOptions, mesh: jax.sharding.Mesh) -> None:
   replicas = mesh.shape['data'] * mesh.shape['fsdp']
   if options.batch_size % replicas or options.batch_size % jax.process_count():
@@ -280,7 +296,7 @@ def _compile(run: _Run, state: Any, batch: dict) -> tuple[Any, Any, Any, float |
   logging.info('compiling the train step...')
   start = time.time()
   step_fn = jax.jit(
-      make_step_fn(run.method.train_step),
+      make_step_fn(run.method.train_step, run.method.updates_per_step),
       in_shardings=(run.state_shardings, frozen_shardings, batch_shardings, tracker_shardings),
       out_shardings=(run.state_shardings, tracker_shardings),
       donate_argnums=(0, 3),
@@ -296,6 +312,8 @@ def _compile(run: _Run, state: Any, batch: dict) -> tuple[Any, Any, Any, float |
     cost = step_fn.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
     flops = (cost or {}).get('flops') or None  # per device: the SPMD-partitioned program
+  if flops:  # the log's rate is in updates (steps), a call makes updates_per_step of them
+    flops /= run.method.updates_per_step
   return step_fn, tracker_fn, reset_fn, flops
 
 
@@ -303,6 +321,7 @@ def _setup(options: TrainerOptions, workdir: str, method: methods.Method, data_i
            config: Any) -> _Run:
   mesh = sharding.make_mesh(options.mesh)
   _check_batch_size(options, mesh)
+  check_step_intervals(options, method.updates_per_step)
   logging.info('mesh %s over %d devices (%s), %d processes', dict(mesh.shape), mesh.size,
                jax.devices()[0].device_kind, jax.process_count())
   frozen = method.frozen if method.frozen is not None else {}
@@ -393,7 +412,7 @@ def _train_loop(run: _Run, state: Any, step: int) -> tuple[Any, int]:
   last_log_step, last_log_time = step, time.time()
   while batch is not None:
     state, tracker = step_fn(state, run.frozen, batch, tracker)
-    step += 1
+    step += run.method.updates_per_step
     if step % options.log_every == 0 or step == options.max_steps:
       check_finite(tracker)
       now = time.time()

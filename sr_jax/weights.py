@@ -32,13 +32,16 @@ SAFETENSORS_INDEX_SUFFIX = '.safetensors.index.json'
 
 
 # PyTorch ``nn.ModuleList`` / ``nn.Sequential`` attributes of the models we mirror (diffusers
-# UNet2DConditionModel and AutoencoderKL, transformers DINOv3ConvNextModel): ``<name>_<i>`` in Flax is
-# item ``i`` of the list, torch ``<name>.<i>``.
+# UNet2DConditionModel, AutoencoderKL, SD3Transformer2DModel and FluxTransformer2DModel, transformers
+# DINOv3ConvNextModel and DINOv3ViTModel):
+# ``<name>_<i>`` in Flax is item ``i`` of the list, torch ``<name>.<i>``.
 LIST_MODULE_NAMES = frozenset({
     'down_blocks', 'up_blocks', 'resnets', 'attentions', 'transformer_blocks', 'downsamplers',
     'upsamplers', 'to_out', 'net',                      # diffusers UNet / VAE
     'stages', 'downsample_layers', 'layers',            # transformers DINOv3-ConvNeXt
+    'layer',                                            # transformers DINOv3-ViT (`model.layer`)
     'features', 'model',                                # torchvision VGG16 / AlexNet, LPIPS heads
+    'single_transformer_blocks',                        # diffusers FluxTransformer2DModel
 })
 # Attributes whose ``_<digits>`` is part of the PyTorch name: diffusers ``TimestepEmbedding.linear_1``
 # and ``linear_2`` (the UNet's time embedding, and its class / addition embeddings).

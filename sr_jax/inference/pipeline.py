@@ -63,15 +63,16 @@ class InferenceSettings:
 # ------------------------------------------------------------------------------- preprocessing
 
 
-def preprocess_lq(image: Image.Image, process_size: int, upscale: int
+def preprocess_lq(image: Image.Image, process_size: int, upscale: int, enlarge: bool = True
                   ) -> tuple[Image.Image, tuple[int, int] | None]:
   """The reference's input: a short side below ``process_size / upscale`` is first enlarged to it
-  (bicubic), then bicubic x ``upscale``, then LANCZOS down to a multiple of 8. Returns the upscaled
-  RGB image and, when the input was enlarged, the output size the reference resizes back to."""
+  (bicubic; only with ``enlarge``), then bicubic x ``upscale``, then LANCZOS down to a multiple of 8.
+  Returns the upscaled RGB image and, when the input was enlarged, the output size the reference
+  resizes back to."""
   width, height = image.size
   restore_size = None
   min_side = process_size // upscale
-  if min(width, height) < min_side:
+  if enlarge and min(width, height) < min_side:
     scale = min_side / min(width, height)
     image = image.resize((max(1, int(width * scale)), max(1, int(height * scale))), Image.BICUBIC)
     restore_size = (upscale * width, upscale * height)
@@ -238,7 +239,8 @@ class SuperResolver:
 def super_resolve_image(resolver: SuperResolver, image: Image.Image, name: str) -> Image.Image:
   """The whole flow on one RGB image: preprocess, SR, colour fix, size restore."""
   s, first = resolver.settings, resolver.first_stage
-  upscaled, restore_size = preprocess_lq(image, first.process_size, first.upscale)
+  upscaled, restore_size = preprocess_lq(image, first.process_size, first.upscale,
+                                         first.enlarge_small_inputs)
   lq = np.asarray(upscaled, np.uint8)
   sr = resolver(lq, image_noise_key(s.seed, name))
   if s.color_fix != 'none':
@@ -251,4 +253,7 @@ def super_resolve_image(resolver: SuperResolver, image: Image.Image, name: str) 
   if restore_size is not None:
     scale = resolver.generator.upscale // first.upscale
     out = out.resize((restore_size[0] * scale, restore_size[1] * scale), Image.BICUBIC)
+  target = (image.width * resolver.generator.upscale, image.height * resolver.generator.upscale)
+  if resolver.generator.exact_output_size and out.size != target:
+    out = out.resize(target, Image.BICUBIC)
   return out

@@ -1,4 +1,5 @@
-"""Multi-level BCE GAN losses of OMGSR (Eq. 12, 14, 15) with one-sided soft labels.
+"""Multi-level BCE GAN losses with one-sided soft labels: OMGSR (Eq. 12, 14, 15) sums the levels,
+TUDSR (Eq. 6, 7) averages them.
 
 OMGSR HEAD ``dinov3_gan/dinov3_convnext_disc.py``: BCE-with-logits; the real target and
 the generator target are 0.8, the fake target 0; for each level the per-pixel BCE is averaged over the
@@ -44,3 +45,24 @@ def discriminator_gan_loss(fake_logits: Sequence[jax.Array], real_logits: Sequen
   """OMGSR Eq. 14: ``(L_fake, L_real)``; Eq. 15 is ``lambda_2 (L_fake + L_real)`` (lambda_2 = 0.5,
   applied by the training step). ``fake_logits`` must come from detached generator images."""
   return multilevel_bce(fake_logits, fake_label), multilevel_bce(real_logits, real_label)
+
+
+def level_mean_bce(level_logits: Sequence[jax.Array], target: float) -> jax.Array:
+  """TUDSR Eq. 6 / 7: ``(1 / L) sum_l BCE(label, logit_l)`` over the L levels, each level's BCE the
+  mean over its logit map and the batch (scalar)."""
+  if not level_logits:
+    raise ValueError('level_mean_bce needs at least one level of logits')
+  return multilevel_bce(level_logits, target) / len(level_logits)
+
+
+def mean_logit(level_logits: Sequence[jax.Array]) -> jax.Array:
+  """The mean of the per-level mean logits (a D-health metric: real should sit above fake)."""
+  return jnp.mean(jnp.stack([jnp.mean(l) for l in level_logits]))
+
+
+def discriminator_metrics(loss: jax.Array, loss_fake: jax.Array, loss_real: jax.Array,
+                          fake_logits: Sequence[jax.Array], real_logits: Sequence[jax.Array]
+                          ) -> dict[str, jax.Array]:
+  """The D metrics every GAN method logs: d_loss, d_fake, d_real, d_logit_fake, d_logit_real."""
+  return {'d_loss': loss, 'd_fake': loss_fake, 'd_real': loss_real,
+          'd_logit_fake': mean_logit(fake_logits), 'd_logit_real': mean_logit(real_logits)}

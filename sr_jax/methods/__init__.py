@@ -16,6 +16,7 @@ from sr_jax.methods.base import Generator, LatentStage, Method  # noqa: F401
 # name -> module path. Adding a method = one line here + its module + its config.
 _REGISTRY: dict[str, str] = {
     'omgsr': 'sr_jax.methods.omgsr',
+    'tudsr': 'sr_jax.methods.tudsr',
 }
 REQUIRED_FUNCTIONS = ('make_method', 'load_generator')
 

@@ -64,6 +64,10 @@ class Method:
       files only on process 0.
     flops_per_sample: FLOPs (2 per multiply-add) of one training example, for TFLOP/s and MFU;
       ``None``: taken from XLA's cost analysis of the compiled step.
+    updates_per_step: optimizer updates of each network made by one ``train_step`` call (TUDSR
+      stage 2 updates once per chunk: N^2). The trainer counts steps in updates: the step number of
+      logs and checkpoints, ``max_steps`` and the ``*_every`` intervals (which must then be
+      multiples of it).
   """
   init_state: Callable[[jax.Array], Any]
   train_step: Callable[[Any, Any, dict], tuple[Any, dict]]
@@ -71,6 +75,7 @@ class Method:
   sample: Callable[[Any, Any, dict], dict] | None = None
   export: Callable[[Any, Any, str], None] | None = None
   flops_per_sample: float | None = None
+  updates_per_step: int = 1
 
 
 StepFn = Callable[[Any, jax.Array, 'jax.Array | None', Any], jax.Array]
@@ -98,6 +103,9 @@ class LatentStage:
       LoRA tree on the encoder (training; inference bundles merge it, which the tiled VAE needs).
     vae_lora: the ``LoRAConfig`` of that tree.
     name: for log lines.
+    enlarge_small_inputs: the first stage's reference preprocessing: an input whose short side is
+      below ``process_size / upscale`` is first enlarged to it (and the output resized back).
+      False (TUDSR) runs small inputs at their own size.
   """
   vae: Any
   codec: LatentCodec
@@ -110,6 +118,7 @@ class LatentStage:
   vae_key: str = 'vae'
   vae_lora: Any = None
   name: str = 'stage'
+  enlarge_small_inputs: bool = True
 
   @property
   def vae_factor(self) -> int:
@@ -125,12 +134,14 @@ class Generator:
   """A loaded generator for inference: its stages and the one params tree they read.
 
   ``source`` records what it was loaded from ({'method', 'checkpoint', 'kind': 'workdir' | 'bundle',
-  'step', ...}); evaluation writes it next to the outputs.
+  'step', ...}); evaluation writes it next to the outputs. ``exact_output_size``: the output is
+  resized to exactly input x upscale when the stages' multiple-of-8 crops changed it.
   """
   method: str
   stages: tuple[LatentStage, ...]
   params: Mapping[str, Any]
   source: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  exact_output_size: bool = False
 
   @property
   def upscale(self) -> int:

@@ -35,7 +35,7 @@ from sr_jax.models import vae as vae_lib
 BUNDLE_FILE = 'generator.json'
 LEGACY_BUNDLE_FILES = ('omgsr.json',)  # bundles exported before the method registry
 BUNDLE_FORMAT_VERSION = 1
-RANDOM_SEED_OFFSETS = {'unet': 0, 'vae': 1, 'dinov3': 2, 'prompt': 3}
+RANDOM_SEED_OFFSETS = {'unet': 0, 'vae': 1, 'dinov3': 2, 'prompt': 3, 'dinov3_vit': 4, 'perceptual': 5}
 
 
 # ---------------------------------------------------------------------------------- optimizers
@@ -136,11 +136,14 @@ def random_params(kind: str, module: Any, seed: int) -> dict:
   Each leaf is drawn from its own generator seeded by ``seed + RANDOM_SEED_OFFSETS[kind]`` and its
   path, so an encoder-only VAE gets the encoder half of the full VAE's weights. Distributions as
   Flax's default initialisers: kernels LeCun-normal (truncated at 2 sigma), biases 0, norm scales 1,
-  ConvNeXt layer scales ``layer_scale_init_value``; any other leaf name is an error.
+  ConvNeXt layer scales ``layer_scale_init_value``; DINOv3-ViT layer scales ``lambda1`` =
+  ``layerscale_value``, CLS / register tokens truncated normal of std 0.02 and the mask token 0
+  (transformers' ``_init_weights``); any other leaf name is an error.
   """
   from sr_jax import pretrained  # pylint: disable=g-import-not-at-top
   base_seed = seed + RANDOM_SEED_OFFSETS[kind]
   layer_scale = getattr(module, 'layer_scale_init_value', None)
+  vit_layer_scale = getattr(module, 'layerscale_value', None)
 
   def draw(path: tuple[str, ...], leaf: Any) -> np.ndarray:
     name, shape = path[-1], tuple(leaf.shape)
@@ -150,6 +153,11 @@ def random_params(kind: str, module: Any, seed: int) -> dict:
     if name in ('bias', 'scale') or (name == 'gamma' and layer_scale is not None):
       value = {'bias': 0.0, 'scale': 1.0, 'gamma': layer_scale}[name]
       return np.full(shape, value, np.float32)
+    if vit_layer_scale is not None and name in ('lambda1', 'mask_token'):
+      return np.full(shape, vit_layer_scale if name == 'lambda1' else 0.0, np.float32)
+    if vit_layer_scale is not None and name in ('cls_token', 'register_tokens'):
+      rng = np.random.default_rng([base_seed, zlib.crc32('/'.join(path).encode())])
+      return truncated_normal(rng, shape) * np.float32(0.02)
     raise ValueError(f'random_params: no rule for the param {"/".join(path)} of a {kind}')
 
   flat = traverse_util.flatten_dict(pretrained.abstract_params(module))
@@ -341,3 +349,95 @@ def restore_train_state(config: Any, workdir: str, init_state: Callable[[jax.Arr
     raise FileNotFoundError(f'no checkpoint in {directory}')
   state, step = restored
   return sharding.gather_to_host(state), step
+
+
+def load_perceptual(model_cfg: Mapping[str, Any], path: str | None, *, seed: int) -> dict:
+  """The frozen perceptual-loss params ``{'vgg16', 'dists', ...}``: a ``convert_weights perceptual``
+  folder at ``path``, or for ``source='random'`` a random VGG16 (drawn like :func:`random_params`)
+  with random positive DISTS alpha / beta (for tiny runs and tests only: meaningless as a metric)."""
+  check_source(model_cfg)
+  from sr_jax import pretrained  # pylint: disable=g-import-not-at-top
+  if model_cfg['source'] == 'converted':
+    return pretrained.load_perceptual(path)
+  from sr_jax.losses.dists import DISTS_CHANNELS  # pylint: disable=g-import-not-at-top
+  from sr_jax.models.vgg import VGG16  # pylint: disable=g-import-not-at-top
+  vgg = random_params('perceptual', VGG16(), seed)
+  rng = np.random.default_rng(seed + RANDOM_SEED_OFFSETS['perceptual'])
+  count = sum(DISTS_CHANNELS)
+  alpha, beta = (rng.uniform(0.1, 1.0, count).astype(np.float32) for _ in range(2))
+  return jax.tree.map(jnp.asarray, {'vgg16': vgg, 'dists': {'alpha': alpha, 'beta': beta}})
+
+
+# ------------------------------------------------------- SD-based methods: configs, prompt, GAN
+
+
+def sd_model_configs(model_cfg: Mapping[str, Any], dino_kind: str | None = None) -> dict:
+  """The reference configs of an SD-based method without loading any weight: {unet, vae,
+  scheduler} from ``model_cfg.sd_path`` (or the random ``*_config`` dicts), plus the
+  discriminator backbone ``dino_kind`` ('dinov3' | 'dinov3_vit') from ``model_cfg.dinov3_path``."""
+  check_source(model_cfg)
+  cfgs = {kind: model_config(model_cfg, kind, model_cfg['sd_path']) for kind in ('unet', 'vae')}
+  if dino_kind is not None:
+    cfgs[dino_kind] = model_config(model_cfg, dino_kind, model_cfg['dinov3_path'])
+  if model_cfg['source'] == 'random':
+    cfgs['scheduler'] = dict(model_cfg['scheduler_config'])
+  else:
+    from sr_jax import pretrained  # pylint: disable=g-import-not-at-top
+    with open(os.path.join(model_cfg['sd_path'], pretrained.SCHEDULER_CONFIG_FILE)) as f:
+      cfgs['scheduler'] = json.load(f)
+  return cfgs
+
+
+def prompt_embedding(config: Any) -> jax.Array:
+  """The fixed prompt embedding (1, L, C) in the compute dtype: the one stored by
+  ``convert_weights sd`` for ``model.prompt``, or a random one for random models."""
+  m = config.model
+  if m.source == 'random':
+    width = model_config(m, 'unet', None)['cross_attention_dim']
+    prompt = jax.random.normal(jax.random.key(config.seed + RANDOM_SEED_OFFSETS['prompt']),
+                               (1, m.prompt_length, width))
+  else:
+    from sr_jax import pretrained  # pylint: disable=g-import-not-at-top
+    prompt = pretrained.load_prompt_embeds(m.sd_path, m.prompt)
+  return jnp.asarray(prompt, jnp.dtype(m.compute_dtype))
+
+
+def generator_and_heads_optimizers(optim: Mapping[str, Any]
+                                   ) -> dict[str, optax.GradientTransformation]:
+  """AdamW + clipping for the groups 'generator' and 'heads' of a one-step GAN (the D rate
+  ``optim.d_learning_rate`` defaults to G's, as the OMGSR reference)."""
+  d_rate = optim.get('d_learning_rate') or optim['learning_rate']
+  return {'generator': adamw(optim), 'heads': adamw(optim, d_rate)}
+
+
+def write_sd_bundle(bundle: str, cfgs: Mapping[str, Any], params: Mapping[str, Any], prompt: str,
+                    source: str) -> None:
+  """The weights half of an SD-based bundle: ``unet/``, ``vae/`` (converted folders of
+  ``params['unet']``, ``params['vae']``), the scheduler config and the prompt embedding."""
+  from sr_jax import pretrained  # pylint: disable=g-import-not-at-top
+  for kind in ('unet', 'vae'):
+    pretrained.save_converted(os.path.join(bundle, kind), kind, cfgs[kind], params[kind],
+                              source=source)
+  with open(os.path.join(bundle, pretrained.SCHEDULER_CONFIG_FILE), 'w') as f:
+    json.dump(dict(cfgs['scheduler']), f, indent=2)
+  pretrained.save_prompt_embeds(bundle, [prompt], [params['prompt_embeds']], source=source)
+  pretrained.mark_pipeline_root(bundle, source=source, parts=('unet', 'vae'))
+
+
+def read_sd_bundle(path: str, prompt: str, dtype: Any) -> tuple[Any, Any, latents.LatentCodec, dict]:
+  """(unet, vae, codec, {unet, vae, prompt_embeds}) of :func:`write_sd_bundle`'s folder."""
+  from sr_jax import pretrained  # pylint: disable=g-import-not-at-top
+  unet, unet_params = pretrained.load_unet(path, dtype=dtype, param_dtype=dtype)
+  vae, vae_params = pretrained.load_vae(path, dtype=dtype, param_dtype=dtype)
+  codec = latents.LatentCodec.from_vae_config(model_config({'source': 'converted'}, 'vae', path))
+  return unet, vae, codec, {'unet': unet_params, 'vae': vae_params,
+                            'prompt_embeds': pretrained.load_prompt_embeds(path, prompt)}
+
+
+def weighted_loss(terms: Mapping[str, jax.Array], weights: Mapping[str, float], prefix: str = 'g_'
+                  ) -> tuple[jax.Array, dict]:
+  """``sum_k weights[k] terms[k]`` and the metrics {prefix + k: term} plus {prefix + 'loss'}."""
+  loss = sum(weights[name] * value for name, value in terms.items())
+  metrics = {f'{prefix}{name}': value for name, value in terms.items()}
+  metrics[f'{prefix}loss'] = loss
+  return loss, metrics

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from typing import Any, Mapping
 
@@ -129,9 +128,7 @@ def generator_loss(generator: Any, models: OmgsrModels, frozen: Mapping[str, Any
   fake_logits, spectral = _disc_call(models, frozen, jax.lax.stop_gradient(heads_params), spectral,
                                      sr, rng_aug)
   terms['gan'] = gan.generator_gan_loss(fake_logits)
-  loss = sum(models.weight(name) * value for name, value in terms.items())
-  metrics = {f'g_{name}': value for name, value in terms.items()}
-  metrics['g_loss'] = loss
+  loss, metrics = common.weighted_loss(terms, dict(models.loss_weights))
   return loss, (metrics, spectral, sr)
 
 
@@ -144,9 +141,7 @@ def discriminator_loss(heads_params: Any, models: OmgsrModels, frozen: Mapping[s
   real_logits, spectral = _disc_call(models, frozen, heads_params, spectral, real, rng_real)
   loss_fake, loss_real = gan.discriminator_gan_loss(fake_logits, real_logits)
   loss = models.weight('disc') * (loss_fake + loss_real)
-  metrics = {'d_loss': loss, 'd_fake': loss_fake, 'd_real': loss_real,
-             'd_logit_fake': jnp.mean(jnp.stack([jnp.mean(l) for l in fake_logits])),
-             'd_logit_real': jnp.mean(jnp.stack([jnp.mean(l) for l in real_logits]))}
+  metrics = gan.discriminator_metrics(loss, loss_fake, loss_real, fake_logits, real_logits)
   return loss, (metrics, spectral)
 
 
@@ -197,10 +192,7 @@ def init_state(models: OmgsrModels, transforms: Mapping[str, optax.GradientTrans
                     opt_state=common.init_optimizers(transforms, params), rng=rng_state)
 
 
-def optimizers(optim: Mapping[str, Any]) -> dict[str, optax.GradientTransformation]:
-  """AdamW + clipping for G and D (the D rate defaults to G's, as the reference)."""
-  d_rate = optim.get('d_learning_rate') or optim['learning_rate']
-  return {'generator': common.adamw(optim), 'heads': common.adamw(optim, d_rate)}
+optimizers = common.generator_and_heads_optimizers  # AdamW + clipping for G and D
 
 
 def step_functions(models: OmgsrModels, optim: Mapping[str, Any]):
@@ -215,35 +207,18 @@ def step_functions(models: OmgsrModels, optim: Mapping[str, Any]):
 
 def model_configs(config) -> dict:
   """The reference configs (unet, vae, dinov3, scheduler) without loading any weight."""
-  m = config.model
-  common.check_source(m)
-  cfgs = {kind: common.model_config(m, kind, path) for kind, path in
-          (('unet', m.sd_path), ('vae', m.sd_path), ('dinov3', m.dinov3_path))}
-  if m.source == 'random':
-    cfgs['scheduler'] = dict(m.scheduler_config)
-  else:
-    from sr_jax import pretrained  # pylint: disable=g-import-not-at-top
-    with open(os.path.join(m.sd_path, pretrained.SCHEDULER_CONFIG_FILE)) as f:
-      cfgs['scheduler'] = json.load(f)
-  return cfgs
+  return common.sd_model_configs(config.model, 'dinov3')
 
 
 def load_frozen(config, kinds=('unet', 'vae', 'dinov3')) -> dict:
   """Frozen params {unet, vae, dino, prompt_embeds}: converted folders, or tiny random models
   (seeded by ``config.seed``)."""
   m = config.model
-  compute, frozen_dtype = jnp.dtype(m.compute_dtype), jnp.dtype(m.frozen_param_dtype)
+  frozen_dtype = jnp.dtype(m.frozen_param_dtype)
   paths = {'unet': m.sd_path, 'vae': m.sd_path, 'dinov3': m.dinov3_path}
   frozen = {('dino' if kind == 'dinov3' else kind): common.load_frozen(
       m, kind, paths[kind], seed=config.seed, param_dtype=frozen_dtype)[1] for kind in kinds}
-  if m.source == 'random':
-    width = common.model_config(m, 'unet', None)['cross_attention_dim']
-    prompt = jax.random.normal(jax.random.key(config.seed + common.RANDOM_SEED_OFFSETS['prompt']),
-                               (1, m.prompt_length, width))
-  else:
-    from sr_jax import pretrained  # pylint: disable=g-import-not-at-top
-    prompt = pretrained.load_prompt_embeds(m.sd_path, m.prompt)
-  frozen['prompt_embeds'] = jnp.asarray(prompt, compute)
+  frozen['prompt_embeds'] = common.prompt_embedding(config)
   return frozen
 
 
@@ -303,7 +278,7 @@ def export(models: OmgsrModels, cfgs: Mapping[str, Any], config: Any, state: Tra
   diffusers + peft) and ``directory/inference``: a converted SD pipeline root with the LoRA merged
   (unet/, vae/, scheduler_config.json, prompt_embeds.*) plus ``generator.json`` (method, t*,
   prompt, the training config)."""
-  from sr_jax import pretrained, sharding  # pylint: disable=g-import-not-at-top
+  from sr_jax import sharding  # pylint: disable=g-import-not-at-top
   host = sharding.gather_to_host((state.generator, frozen))
   if jax.process_index() != 0:
     return
@@ -314,15 +289,9 @@ def export(models: OmgsrModels, cfgs: Mapping[str, Any], config: Any, state: Tra
       'vae_encoder_lora_adapter': (generator['vae_encoder'], models.vae_lora)},
                        module_prefixes={'vae_encoder_lora_adapter': 'encoder'})
   bundle = os.path.join(directory, 'inference')
-  merged = merged_inference_params(models, generator, frozen)
-  for kind in ('unet', 'vae'):
-    pretrained.save_converted(os.path.join(bundle, kind), kind, cfgs[kind], merged[kind],
-                              source='omgsr export')
-  with open(os.path.join(bundle, pretrained.SCHEDULER_CONFIG_FILE), 'w') as f:
-    json.dump(dict(cfgs['scheduler']), f, indent=2)
   prompt = config.model.prompt
-  pretrained.save_prompt_embeds(bundle, [prompt], [frozen['prompt_embeds']], source='omgsr export')
-  pretrained.mark_pipeline_root(bundle, source='omgsr export', parts=('unet', 'vae'))
+  common.write_sd_bundle(bundle, cfgs, merged_inference_params(models, generator, frozen), prompt,
+                         source='omgsr export')
   common.write_bundle(bundle, NAME, config, {'t_star': models.t_star, 'prompt': prompt,
                                              'alpha_bar': models.alpha_bar,
                                              'step': int(state.step)})
@@ -347,15 +316,9 @@ def make_method(config) -> base.Method:
 
 
 def _bundle_generator(config, path: str) -> base.Generator:
-  from sr_jax import pretrained  # pylint: disable=g-import-not-at-top
   record = common.read_bundle(path, NAME)
-  dtype = jnp.dtype(config.model.compute_dtype)
-  unet, unet_params = pretrained.load_unet(path, dtype=dtype, param_dtype=dtype)
-  vae, vae_params = pretrained.load_vae(path, dtype=dtype, param_dtype=dtype)
-  codec = latents.LatentCodec.from_vae_config(common.model_config({'source': 'converted'}, 'vae',
-                                                                  path))
-  params = {'unet': unet_params, 'vae': vae_params,
-            'prompt_embeds': pretrained.load_prompt_embeds(path, record['prompt'])}
+  unet, vae, codec, params = common.read_sd_bundle(path, record['prompt'],
+                                                   jnp.dtype(config.model.compute_dtype))
   stage = latent_stage(unet, vae, codec, int(record['t_star']), float(record['alpha_bar']),
                        config.eval)
   return base.Generator(NAME, (stage,), params, {'method': NAME, 'checkpoint': path,

@@ -11,9 +11,10 @@ exactly the lax / cuDNN ops:
   unchanged. On CPU it computes
   - depthwise convolutions (ConvNeXt's 7x7) as a sum of shifted multiply-adds, one block of channels
     per loop step: Eigen has no depthwise kernel;
-  - stride-1 float32 convolutions over at most ``PATCH_MATMUL_MAX_PIXELS`` output pixels (the UNet's
-    16x16 and 8x8 levels) with a patch matrix of at most ``PATCH_MATMUL_MAX_ELEMENTS`` as one matmul
-    of the image patches (im2col);
+  - (no im2col route: convolutions of small maps as one matmul of the image patches were up to
+    15% faster on the UNet's 16x16 level, but with the batch split over several CPU devices the
+    program gave wrong scores for some images (2026-12-03, ea-DISTS of TUDSR's 8-device test);
+    XLA's convolution is used there instead;)
   - stride-1 3x3 float32 convolutions over at least ``WINOGRAD_MIN_PIXELS`` output pixels (the VAE
     at 128² and above) with Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray 2016): 16
     batched matmuls instead of 36 multiply-adds per output 2x2 tile. The transforms only add and
@@ -42,13 +43,8 @@ from jax.custom_derivatives import SymbolicZero
 
 from sr_jax.xla import on_cpu
 
-# Per-image output sizes (H x W) where the CPU paths beat XLA's convolution (fp32, batch 1; the
-# timings are in benchmarks/RESULTS.md): patches-matmul up to 16x16, Winograd from 128x128 (the VAE);
-# at the UNet's 64x64 level XLA's convolution was faster than Winograd.
-PATCH_MATMUL_MAX_PIXELS = 256
-# ... and while the patch matrix stays below this many elements (17 MiB fp32): at 16x16 with 2560
-# input channels XLA's convolution was faster, with 1920 the matmul.
-PATCH_MATMUL_MAX_ELEMENTS = 256 * 9 * 1920
+# Per-image output sizes (H x W) where Winograd beats XLA's convolution (fp32, batch 1; the timings
+# are in benchmarks/RESULTS.md): from 128x128 (the VAE); at the UNet's 64x64 level XLA's was faster.
 WINOGRAD_MIN_PIXELS = 128 * 128
 # CPU attention block: about this many float32 scores (8 MiB) per (head, query block) step.
 ATTENTION_CHUNK_SCORES = 1 << 21
@@ -97,10 +93,6 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
     out_pixels = ((lhs.shape[1] + sum(padding[0]) - rhs.shape[0] + 1)
                   * (lhs.shape[2] + sum(padding[1]) - rhs.shape[1] + 1))
     dense = feature_group_count == 1 and lhs.dtype == rhs.dtype == jnp.float32
-    patch_elements = out_pixels * rhs.shape[0] * rhs.shape[1] * channels
-    if (dense and rhs.shape[:2] != (1, 1) and out_pixels <= PATCH_MATMUL_MAX_PIXELS
-        and patch_elements <= PATCH_MATMUL_MAX_ELEMENTS):
-      return patch_matmul_conv(lhs, rhs, padding, precision)
     if dense and rhs.shape[:2] == (3, 3) and out_pixels >= WINOGRAD_MIN_PIXELS:
       return winograd_conv3x3(lhs, rhs, padding, precision)
   return lax.conv_general_dilated(
@@ -152,22 +144,6 @@ def _channel_block(channels: int) -> int:
   drops a one-step loop, and with it the materialisation)."""
   limit = min(DEPTHWISE_CHANNEL_BLOCK, max(1, channels // 2))
   return next(d for d in range(limit, 0, -1) if channels % d == 0)
-
-
-def patch_matmul_conv(x: jax.Array, kernel: jax.Array,
-                      padding: tuple[tuple[int, int], tuple[int, int]],
-                      precision: Any = None) -> jax.Array:
-  """Stride-1 convolution (NHWC, HWIO kernel) as one matmul: the (kh * kw * C_in) patch of every
-  output pixel, ordered like the reshaped HWIO kernel, times that kernel. The patches are
-  kh * kw times the input, so this is for small feature maps only."""
-  kh, kw, cin, cout = kernel.shape
-  xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-  b, h, w = x.shape[0], xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
-  patches = jnp.concatenate([xp[:, i:i + h, j:j + w, :] for i in range(kh) for j in range(kw)],
-                            axis=-1)
-  out = jnp.matmul(patches.reshape(b, h * w, kh * kw * cin), kernel.reshape(kh * kw * cin, cout),
-                   precision=precision)
-  return out.reshape(b, h, w, cout)
 
 
 def _bt(d: list) -> list:

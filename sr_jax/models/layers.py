@@ -394,3 +394,20 @@ class Transformer2DModel(nn.Module):
     hidden = hidden.reshape(b, h, w, inner)
     hidden = self._projection(c, 'proj_out')(hidden)
     return hidden + x.astype(hidden.dtype)
+
+
+class RMSNorm(nn.Module):
+  """diffusers ``RMSNorm`` (``models/normalization.py``; Zhang & Sennrich 2019) over the last axis:
+  ``x * rsqrt(mean(x^2) + eps) * scale``, the mean square and the product taken in float32, the
+  result cast to ``dtype``. ``scale`` is torch's ``weight`` (shape ``(dim,)``, init 1); no bias
+  (diffusers' ``bias=False`` default, the only form the SD3 and FLUX qk-norms use)."""
+  epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param('scale', nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    mean_square = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+    return (x32 * lax.rsqrt(mean_square + self.epsilon) * scale.astype(jnp.float32)).astype(self.dtype)
