@@ -91,8 +91,12 @@ def test_eight_devices_match_one_device(runs):
   wider bound, measured: the G outputs of the two batch splits differ by <= 6.5e-5 (float32
   rounding through UNet and VAE), and DISTS' (2 cov + c2) / (var_x + var_y + c2) on the near-flat
   chunks of one tiny-model sample turns that into 5e-3 on its score, 8e-4 on the batch mean; the
-  same inputs give the same score to 6e-7. A sharding error (an example dropped, a gradient not
-  averaged) moves every loss after the first update and the LoRA by the whole update."""
+  same inputs give the same score to 6e-7. Adam then turns those gradient differences into LoRA-B
+  differences of the size of the (small) updates of near-zero-gradient elements: measured over all
+  lora_B tensors after the 16 updates, ||B8 - B1|| / ||B1|| = 3.5e-2 on one 2-core VM, while on
+  another every element stayed within 1e-5 (XLA:CPU's code differs); lora_A moves by <= 6e-8. A
+  sharding error (an example dropped, a gradient not averaged) moves every loss after the first
+  update by more than these bounds and the LoRA by the whole update (relative difference ~1)."""
   one, eight = runs['s2'], runs['s2_8dev']  # stage 2's step holds stage 1's G and the same update
   bounds = {'d_loss': 1e-4, 'd_fake': 1e-4, 'd_real': 1e-4, 'g_gan': 1e-4, 'g_l1': 1e-4,
             'g_ea_dists': 3e-3, 'g_loss': 3e-3}
@@ -101,8 +105,13 @@ def test_eight_devices_match_one_device(runs):
       np.testing.assert_allclose(r8[key], r1[key], rtol=rtol, err_msg=f'{key} at {r1["step"]}')
   lora1, lora8 = _adapter(one, 2), _adapter(eight, 2)
   assert max(float(np.abs(v).max()) for k, v in lora1.items() if 'lora_B' in k) > 1e-5
+  lora_b = [key for key in lora1 if 'lora_B' in key]
+  relative = (sum(float(np.sum((lora8[k] - lora1[k]) ** 2)) for k in lora_b)
+              / sum(float(np.sum(lora1[k] ** 2)) for k in lora_b)) ** 0.5
+  assert relative < 0.1, f'lora_B differs by {relative:.3g} (relative) between 8 and 1 devices'
   for key, value in lora1.items():
-    np.testing.assert_allclose(lora8[key], value, rtol=0, atol=1e-5, err_msg=key)
+    if key not in lora_b:
+      np.testing.assert_allclose(lora8[key], value, rtol=0, atol=1e-6, err_msg=key)
 
 
 # ------------------------------------------------------------------------------------ inference
