@@ -9,6 +9,10 @@ Usage::
   python -m convert_weights dinov3 --src facebook/dinov3-vitb16-pretrain-lvd1689m --out ckpt/dinov3-vitb16
   python -m convert_weights dinov3 --src dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth \\
       --out ckpt/dinov3-vitb16 --allow-pickle [--variant vitb16]
+  python -m convert_weights sd3 --src stabilityai/stable-diffusion-3.5-medium --out ckpt/sd35m \\
+      [--prompt TEXT ...] [--max-sequence-length 256] [--dtype source] [--max-shard-size 2GB]
+  python -m convert_weights flux --src black-forest-labs/FLUX.1-dev --out ckpt/flux1-dev \\
+      [--prompt TEXT ...] [--max-sequence-length 512]      # options: convert_weights/sd3_flux.py
   python -m convert_weights perceptual --out ckpt/perceptual [--vgg16 PATH] [--alexnet PATH] \\
       [--allow-pickle]
   python -m convert_weights export --checkpoint WORKDIR_OR_BUNDLE --out DIR \\
@@ -18,9 +22,12 @@ Usage::
 honouring ``HF_HOME`` and ``HF_HUB_OFFLINE``; only the needed files). ``sd`` writes ``OUT/unet`` and
 ``OUT/vae`` (converted folders), ``OUT/scheduler_config.json`` (copied), and the CLIP text embedding of
 each ``--prompt`` (default: the empty prompt) in ``OUT/prompt_embeds.safetensors`` +
-``OUT/prompt_embeds.json``; ``dinov3`` writes one converted folder at ``OUT``, of kind ``dinov3`` (ConvNeXt)
-or ``dinov3_vit`` as the source's ``config.json`` ``model_type`` says. ``dinov3`` also reads a DINOv3-ViT
-in the original torch-hub layout (``--src`` a ``.pth`` file, or a folder holding one ``.pth`` and no
+``OUT/prompt_embeds.json``; ``sd3`` / ``flux`` write ``OUT/transformer`` and ``OUT/vae``, the
+scheduler config and the prompt embeddings with their pooled embeddings (the empty prompt always),
+converting one tensor at a time into sharded params (``convert_weights/sd3_flux.py``); ``dinov3``
+writes one converted folder at ``OUT``, of kind ``dinov3`` (ConvNeXt) or ``dinov3_vit`` as the
+source's ``config.json`` ``model_type`` says. ``dinov3`` also reads a DINOv3-ViT in the original
+torch-hub layout (``--src`` a ``.pth`` file, or a folder holding one ``.pth`` and no
 ``config.json``; a pickle, so only with ``--allow-pickle``): there ``--variant`` names the architecture
 (``vits16``, ``vits16plus``, ``vitb16``, ``vitl16``, ``vith16plus``; see
 ``convert_weights/dinov3_original.py``), and without it the config is inferred from the tensor shapes;
@@ -40,6 +47,7 @@ import sys
 from typing import Sequence
 
 from convert_weights import export as export_command
+from convert_weights import sd3_flux
 from convert_weights.source import (TRANSFORMERS_STEMS, SourceError, resolve_source, sd_patterns,
                                     weight_patterns)
 
@@ -64,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
   perceptual.add_argument('--allow-pickle', action='store_true',
                           help='also read .pth pickles for --vgg16/--alexnet (trusted files only)')
   export_command.add_parser(commands)  # documented in convert_weights/export.py
+  sd3_flux.add_parsers(commands)  # documented in convert_weights/sd3_flux.py
   for sub in (sd, dinov3):
     sub.add_argument('--src', required=True, help='local folder or hub repo id')
     sub.add_argument('--out', required=True, help='output folder')
@@ -141,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   from sr_jax.weights import CheckpointError
   try:
-    {'sd': convert_sd, 'dinov3': convert_dinov3,
+    {'sd': convert_sd, 'dinov3': convert_dinov3, 'sd3': sd3_flux.run, 'flux': sd3_flux.run,
      'perceptual': convert_perceptual, 'export': export_command.run}[args.command](args)
   except (CheckpointError, SourceError, FileNotFoundError, ValueError, OSError) as e:
     _log.debug('conversion failed', exc_info=True)  # the traceback, for --verbose style debugging

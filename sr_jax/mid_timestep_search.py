@@ -1,4 +1,4 @@
-r"""The mid-timestep t* search command (OMGSR Sec. 3.3, Eq. 3-5): data pipeline -> frozen VAE -> t*.
+r"""The mid-timestep t* search command (OMGSR Sec. 3.3, Eq. 3-5 / 18-19): data -> frozen VAE -> t*.
 
     python -m sr_jax.mid_timestep_search --config=configs/omgsr.py --num_pairs=1000 \
         --out_dir=runs/mid_timestep
@@ -10,17 +10,24 @@ metadata) and ``<out_dir>/mid_timestep.png`` (the curve, t* circled). Set ``conf
 ``--config.model.t_star=...`` when training) to the printed value. ``--config.key=value`` overrides
 work as for ``train.py``, e.g. ``--config.data.paths="('/data/LSDIR',)"``, ``--config.seed=7``.
 
-What it measures (the OMGSR HEAD script ``mid_timestep/mid_timestep_sd.py``):
+What it measures (the OMGSR HEAD scripts ``mid_timestep/mid_timestep_sd.py`` and
+``mid_timestep_flux.py``):
 
 * the pairs are the first ``num_pairs`` records of the training stream: ``config.data`` and
   ``config.seed`` through ``sr_jax.data.pipeline`` (same crops, flips and degradations as training).
   The reference walks its whole dataset once; pass the image count as ``--num_pairs`` to do the
   same (more pairs than images start a second epoch with new crops and degradations);
-* HQ and LQ are encoded by the FROZEN VAE encoder (no LoRA) to sampled latents x scaling factor,
-  exactly :func:`sr_jax.inference.one_step.encode_latent` as the OMGSR training step encodes HQ;
+* HQ and LQ are encoded by the FROZEN VAE encoder (no LoRA) to sampled latents, shifted and scaled
+  by the VAE config, exactly :func:`sr_jax.inference.one_step.encode_latent` as the OMGSR training
+  step encodes HQ;
 * per sample: E[z_H^2] and E[(z_L - z_H)^2] (Eq. 3-4), then the dataset mean of
-  ``|SNR(z_t) - SNR(z_L)|`` for t = 0..999 of the DDPM schedule of the base model (Eq. 5), accumulated
-  by :class:`sr_jax.diffusion.mid_timestep.MidTimestepAccumulator`.
+  ``|SNR(z_t) - SNR(z_L)|`` for t = 0..999, accumulated by
+  :class:`sr_jax.diffusion.mid_timestep.MidTimestepAccumulator` over the base model's schedule
+  (:func:`sr_jax.diffusion.schedules.noising_schedule_from_scheduler_config`): a DDPM scheduler
+  config gives ``alphas_cumprod`` (Eq. 5), a ``FlowMatchEulerDiscreteScheduler`` config OMGSR-F's
+  grid ``sigma_t = shift(t / 999)`` (Eq. 18-19; FLUX: mu at 1024^2 tokens as the reference, so
+  t* = 244 is sigma = 0.50511). Same code path for both; the report names the kind and, for flow
+  matching, sigma at t* (what OMGSR-F's transformer is fed).
 
 The VAE always runs in float32 here, whatever ``config.model.compute_dtype``: the reference loads it
 in float32 for the search, and bf16 rounding of z_L - z_H would add noise power to Eq. 4.
@@ -32,10 +39,9 @@ the tiny search sees the same encoder (flax derives a parameter's init key from 
 encoder-only init equals the encoder half of the full init; ``tests/test_mid_timestep_search.py``
 checks it).
 
-Flow matching (OMGSR-F, Eq. 18-19): not offered. The accumulator supports it
-(``MidTimestepAccumulator.for_flow_matching(schedules.flux_mid_timestep_sigmas())``), but OMGSR-F needs
-the FLUX VAE (16 latent channels, its own scaling and shift), which sr_jax does not port; running
-FLUX sigmas on SD latents would produce a t* that means nothing.
+Flow matching needs a flow-matching base model's VAE (SD3 / FLUX: 16 latent channels, their own
+scaling and shift, read from its VAE config by the latent codec): flow-matching sigmas on SD
+latents would produce a t* that means nothing.
 
 Runs on one process and one device (the default device); the VAE encoder is the only model built.
 """
@@ -100,15 +106,18 @@ def make_pair_statistics_fn(encoder: base.LatentStage) -> Callable:
 
 
 def _metadata(config, *, num_pairs: int, batch_size: int, encoder: base.LatentStage,
-              scheduler_config: dict, curve: np.ndarray, power_sum: float, lq_snr_sum: float,
-              seconds: float) -> dict:
+              scheduler_config: dict, schedule: schedules.NoisingSchedule, curve: np.ndarray,
+              power_sum: float, lq_snr_sum: float, seconds: float) -> dict:
   """What the JSON records next to t*: the data, the model and the config's current t* to compare."""
   data, m = config.data, config.model
   config_t_star = m.get('t_star')
   in_range = config_t_star is not None and 0 <= int(config_t_star) < len(curve)
   return dict(
       command='python -m sr_jax.mid_timestep_search',
-      equation='OMGSR Eq. 3-5 (DDPM); latents from the frozen VAE encoder, sampled x scaling factor',
+      equation=(('OMGSR Eq. 18-19 (flow matching)' if schedule.kind == 'flow_matching'
+                 else 'OMGSR Eq. 3-5 (DDPM)')
+                + '; latents from the frozen VAE encoder, sampled, shifted and scaled'),
+      schedule=schedule.kind,
       num_pairs=num_pairs, batch_size=batch_size, seed=int(config.seed),
       data_paths=[str(p) for p in data.paths], resize_to_crop=[bool(f) for f in data.resize_to_crop],
       repeats=[int(r) for r in data.repeats], crop_size=int(data.crop_size), preset=str(data.preset),
@@ -166,8 +175,8 @@ def _take(stats, limit: int, add: Callable[[np.ndarray, np.ndarray], None]) -> i
 
 
 def search_mid_timestep(config, num_pairs: int, batch_size: int = 8, out_dir: str = '.',
-                        name: str = 'mid_timestep') -> dict:
-  """OMGSR Eq. 5: ``t* = argmin_t mean_i |SNR(z_t^(i)) - SNR(z_L^(i))|`` over ``num_pairs`` pairs.
+                        name: str = 'mid_timestep', flow_image_seq_len: int = 4096) -> dict:
+  """OMGSR Eq. 5 / 19: ``t* = argmin_t mean_i |SNR(z_t^(i)) - SNR(z_L^(i))|`` over the pairs.
 
   Args:
     config: an OMGSR config (``configs/omgsr.py``): uses ``config.data``, ``config.seed``,
@@ -176,38 +185,48 @@ def search_mid_timestep(config, num_pairs: int, batch_size: int = 8, out_dir: st
     batch_size: pairs per encoder call (2 x batch_size images).
     out_dir: where ``<name>.json`` and ``<name>.png`` go (created if missing).
     name: file stem of the report.
+    flow_image_seq_len: image tokens that set FLUX's mu for a dynamic-shift flow-matching scheduler
+      (OMGSR: 4096, i.e. 1024^2, whatever the crop); unused otherwise.
 
   Returns:
     dict with ``t_star``, ``loss_at_t_star``, ``config_t_star``, ``loss_at_config_t_star``,
-    ``num_pairs``, ``mean_curve`` ((1000,) float64 numpy, index = timestep), ``json_path``,
-    ``png_path``, ``metadata`` (as written to the JSON).
+    ``num_pairs``, ``mean_curve`` ((1000,) float64 numpy, index = timestep), ``schedule`` (the
+    :class:`~sr_jax.diffusion.schedules.NoisingSchedule` searched), ``signal_power`` and
+    ``noise_power`` (per pair E[z_H^2] and E[(z_L - z_H)^2], (num_pairs,) float64: the curve of
+    any other schedule follows from them), ``json_path``, ``png_path``, ``metadata`` (as written to
+    the JSON).
   """
   if num_pairs < 1 or batch_size < 1:
     raise ValueError(f'num_pairs and batch_size must be >= 1, got {num_pairs}, {batch_size}')
   batch_size = min(batch_size, num_pairs)
   start = time.perf_counter()
   encoder, params, scheduler_config = load_frozen_encoder(config)
-  accumulator = mid_timestep.MidTimestepAccumulator.for_ddpm(
-      schedules.ddpm_alphas_cumprod(scheduler_config))
-  sums = {'power': 0.0, 'lq_snr': 0.0}
+  schedule = schedules.noising_schedule_from_scheduler_config(scheduler_config, flow_image_seq_len)
+  accumulator = mid_timestep.MidTimestepAccumulator.for_schedule(schedule)
+  pairs = {'power': [], 'noise_power': []}
 
   def add(power, noise_power):
     accumulator.add_statistics(power, noise_power)
-    sums['power'] += float(power.sum())
-    sums['lq_snr'] += float((power / noise_power).sum())
+    pairs['power'].append(power)
+    pairs['noise_power'].append(noise_power)
 
   _stream_statistics(config, encoder, params, num_pairs, batch_size, add)
+  signal_power, noise_power = (np.concatenate(pairs[k]) for k in ('power', 'noise_power'))
   curve = accumulator.mean_curve()
   metadata = _metadata(config, num_pairs=num_pairs, batch_size=batch_size, encoder=encoder,
-                       scheduler_config=scheduler_config, curve=curve, power_sum=sums['power'],
-                       lq_snr_sum=sums['lq_snr'], seconds=time.perf_counter() - start)
+                       scheduler_config=scheduler_config, schedule=schedule, curve=curve,
+                       power_sum=float(signal_power.sum()),
+                       lq_snr_sum=float((signal_power / noise_power).sum()),
+                       seconds=time.perf_counter() - start)
+  t_star = accumulator.optimal_timestep()
+  metadata[f'{schedule.value_name}_at_t_star'] = float(schedule.values[t_star])
   json_path, png_path = mid_timestep.write_mid_timestep_report(out_dir, accumulator, name=name,
                                                                metadata=metadata)
-  t_star = accumulator.optimal_timestep()
   return dict(t_star=t_star, loss_at_t_star=float(curve[t_star]),
               config_t_star=metadata['config_t_star'],
               loss_at_config_t_star=metadata['loss_at_config_t_star'], num_pairs=num_pairs,
-              mean_curve=curve, json_path=json_path, png_path=png_path, metadata=metadata)
+              mean_curve=curve, schedule=schedule, signal_power=signal_power,
+              noise_power=noise_power, json_path=json_path, png_path=png_path, metadata=metadata)
 
 
 # ---------------------------------------------------------------------------------- command line

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from flax import traverse_util
@@ -128,9 +128,66 @@ def _shape_of(leaf: Any) -> tuple[int, ...]:
   return tuple(getattr(leaf, 'shape', np.shape(leaf)))
 
 
+def torch_to_flax_shape(shape: Sequence[int], flax_leaf: str) -> tuple[int, ...]:
+  """The shape :func:`torch_to_flax_array` gives a tensor of ``shape``."""
+  shape = tuple(int(n) for n in shape)
+  axes = _flax_to_torch_axes(len(shape), flax_leaf)
+  if axes is None:
+    return shape
+  back = tuple(int(a) for a in np.argsort(axes))  # the inverse permutation: torch -> Flax
+  return tuple(shape[a] for a in back)
+
+
+def torch_index_for_flax(index: tuple[slice, ...], flax_leaf: str) -> tuple[slice, ...]:
+  """The index of a torch-layout tensor that holds the elements of ``flax_array[index]``, so that a
+  device's shard of a Flax param is read from the checkpoint without reading the rest:
+  ``torch_to_flax_array(torch_value[torch_index_for_flax(i, leaf)], leaf) == flax_value[i]``."""
+  axes = _flax_to_torch_axes(len(index), flax_leaf)
+  return index if axes is None else tuple(index[a] for a in axes)
+
+
+def plan_conversion(shapes: Mapping[str, Sequence[int]], expected_params: Any, *,
+                    ignore_prefixes: tuple[str, ...] = ()) -> dict[tuple[str, ...], str]:
+  """Checks a checkpoint's keys and shapes (no values needed) against the expected Flax tree.
+
+  Args:
+    shapes: torch key -> tensor shape (e.g. from safetensors headers).
+    expected_params: the Flax param tree (arrays or ``jax.ShapeDtypeStruct``) the model expects.
+    ignore_prefixes: torch keys starting with one of these are dropped silently.
+
+  Returns:
+    Flax path -> torch key, for every expected param.
+
+  Raises:
+    CheckpointError: listing missing and unexpected keys, or naming a key whose shape differs.
+  """
+  expected = traverse_util.flatten_dict(expected_params)
+  plan, unexpected = {}, []
+  for key, shape in shapes.items():
+    if any(key.startswith(p) for p in ignore_prefixes):
+      continue
+    path = torch_key_to_flax_path(key, len(shape))
+    if path not in expected:
+      unexpected.append(key)
+      continue
+    flax_shape, want = torch_to_flax_shape(shape, path[-1]), _shape_of(expected[path])
+    if flax_shape != want:
+      raise CheckpointError(
+          f'shape mismatch for {key}: checkpoint {tuple(shape)} -> {flax_shape} in Flax '
+          f'layout, model expects {want} at {"/".join(path)}')
+    plan[path] = key
+  missing = [_key_for_message(p) for p in expected if p not in plan]
+  if missing or unexpected:
+    raise CheckpointError(
+        'checkpoint keys do not match the model config:\n'
+        f'  missing ({len(missing)}): {sorted(missing)}\n'
+        f'  unexpected ({len(unexpected)}): {sorted(unexpected)}')
+  return plan
+
+
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], expected_params: Any, *,
                        ignore_prefixes: tuple[str, ...] = (), dtype: Any = np.float32) -> dict:
-  """Builds a Flax param tree from a PyTorch state dict.
+  """Builds a Flax param tree from a PyTorch state dict (checked by :func:`plan_conversion`).
 
   Args:
     state_dict: torch key -> numpy array.
@@ -142,29 +199,11 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], expected_params: An
   Raises:
     CheckpointError: listing missing and unexpected keys, or naming a key whose shape differs.
   """
-  expected = traverse_util.flatten_dict(expected_params)
-  converted, unexpected = {}, []
-  for key, value in state_dict.items():
-    if any(key.startswith(p) for p in ignore_prefixes):
-      continue
-    path = torch_key_to_flax_path(key, np.ndim(value))
-    if path not in expected:
-      unexpected.append(key)
-      continue
-    array = torch_to_flax_array(np.asarray(value), path[-1])
-    want = _shape_of(expected[path])
-    if array.shape != want:
-      raise CheckpointError(
-          f'shape mismatch for {key}: checkpoint {tuple(np.shape(value))} -> {array.shape} in Flax '
-          f'layout, model expects {want} at {"/".join(path)}')
-    converted[path] = array.astype(dtype)
-  missing = [_key_for_message(p) for p in expected if p not in converted]
-  if missing or unexpected:
-    raise CheckpointError(
-        'checkpoint keys do not match the model config:\n'
-        f'  missing ({len(missing)}): {sorted(missing)}\n'
-        f'  unexpected ({len(unexpected)}): {sorted(unexpected)}')
-  return traverse_util.unflatten_dict(converted)
+  plan = plan_conversion({k: np.shape(v) for k, v in state_dict.items()}, expected_params,
+                         ignore_prefixes=ignore_prefixes)
+  return traverse_util.unflatten_dict({
+      path: torch_to_flax_array(np.asarray(state_dict[key]), path[-1]).astype(dtype)
+      for path, key in plan.items()})
 
 
 def _key_for_message(path: tuple[str, ...]) -> str:

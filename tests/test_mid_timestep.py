@@ -62,22 +62,67 @@ def test_flux_search_recovers_known_timestep():
   assert acc.optimal_timestep() == 244
 
 
-def test_mixed_dataset_matches_numpy_and_streaming_is_order_free():
+def _numpy_eq5_or_eq19(z_h, z_l, snr_per_power):
+  """Eq. 3/18 and 4 by hand:
+  mean_i |snr_per_power[t] E[z_H^2]_i - E[z_H^2]_i / E[(z_L - z_H)^2]_i|."""
+  power = (z_h ** 2).reshape(len(z_h), -1).mean(1)
+  lq_snr = power / ((z_l - z_h) ** 2).reshape(len(z_h), -1).mean(1)
+  return np.abs(power[:, None] * snr_per_power[None] - lq_snr[:, None]).mean(0)
+
+
+def _flux_sigmas_by_hand():
+  """OMGSR mid_timestep_flux.py: time shift of t / 999 with mu = 0.5 + (1.15 - 0.5)/(4096 - 256)
+  (4096 - 256) = 1.15."""
+  t = np.arange(1000) / 999
+  with np.errstate(divide='ignore'):
+    return np.exp(1.15) / (np.exp(1.15) + (1 / t - 1))
+
+
+@pytest.mark.parametrize('kind', ['ddpm', 'flow_matching'])
+def test_mixed_dataset_matches_numpy_and_streaming_is_order_free(kind):
   alphas_cumprod = schedules.ddpm_alphas_cumprod(SD21_BASE)
+  sigmas = _flux_sigmas_by_hand()
   rng = np.random.default_rng(2)
   z_h = rng.normal(size=(5, 4, 4, 4)) * rng.uniform(0.5, 2.0, size=(5, 1, 1, 1))
   z_l = z_h + rng.normal(size=z_h.shape) * rng.uniform(0.2, 2.0, size=(5, 1, 1, 1))
-  power = (z_h ** 2).reshape(5, -1).mean(1)
-  lq_snr = power / ((z_l - z_h) ** 2).reshape(5, -1).mean(1)
-  expected = np.abs(power[:, None] * alphas_cumprod / (1 - alphas_cumprod) - lq_snr[:, None]).mean(0)
-  whole = mt.MidTimestepAccumulator.for_ddpm(alphas_cumprod)
+  if kind == 'ddpm':
+    schedule = schedules.NoisingSchedule.ddpm(alphas_cumprod)
+    expected = _numpy_eq5_or_eq19(z_h, z_l, alphas_cumprod / (1 - alphas_cumprod))  # Eq. 3-5
+  else:
+    schedule = schedules.noising_schedule_from_scheduler_config(dict(
+        _class_name='FlowMatchEulerDiscreteScheduler', num_train_timesteps=1000, shift=3.0,
+        use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15))  # FLUX.1-dev's config
+    np.testing.assert_allclose(schedule.values, sigmas, rtol=1e-12)
+    with np.errstate(divide='ignore'):
+      expected = _numpy_eq5_or_eq19(z_h, z_l, (1 - sigmas) ** 2 / sigmas ** 2)  # Eq. 18-19
+    assert np.isinf(expected[0])
+  assert schedule.kind == kind
+  whole = mt.MidTimestepAccumulator.for_schedule(schedule)
   whole.add(z_h, z_l)
-  streamed = mt.MidTimestepAccumulator.for_ddpm(alphas_cumprod)
+  streamed = mt.MidTimestepAccumulator.for_schedule(schedule)
   streamed.add(z_h[3:], z_l[3:])
   streamed.add(z_h[:3], z_l[:3])
   np.testing.assert_allclose(whole.mean_curve(), expected, rtol=1e-4)
   np.testing.assert_allclose(streamed.mean_curve(), whole.mean_curve(), rtol=1e-12)
   assert whole.optimal_timestep() == int(np.argmin(expected))
+
+
+def test_schedule_kind_follows_the_scheduler_config():
+  ddpm = schedules.noising_schedule_from_scheduler_config(SD21_BASE)
+  assert ddpm.kind == 'ddpm' and ddpm.value_name == 'alpha_bar'
+  np.testing.assert_array_equal(ddpm.values, schedules.ddpm_alphas_cumprod(SD21_BASE))
+  sd3 = schedules.noising_schedule_from_scheduler_config(dict(num_train_timesteps=1000, shift=3.0))
+  assert sd3.kind == 'flow_matching' and sd3.value_name == 'sigma'
+  t = np.arange(1000) / 999
+  np.testing.assert_allclose(sd3.values, 3 * t / (1 + 2 * t), rtol=1e-12)  # static shift 3
+  # One formula for both kinds: alpha^2 / sigma^2.
+  np.testing.assert_allclose(mt.snr_factor(ddpm)[[0, 273, 999]],
+                             [a / (1 - a) for a in ddpm.values[[0, 273, 999]]], rtol=1e-12)
+  with np.errstate(divide='ignore'):
+    np.testing.assert_allclose(mt.snr_factor(sd3), (1 - sd3.values) ** 2 / sd3.values ** 2,
+                               rtol=1e-12)
+  with pytest.raises(ValueError, match='use_karras_sigmas'):
+    schedules.noising_schedule_from_scheduler_config(dict(shift=3.0, use_karras_sigmas=True))
 
 
 def test_empty_accumulator_raises():
@@ -98,6 +143,8 @@ def test_report_writes_json_and_png(tmp_path):
   assert report['optimal_timestep'] == acc.optimal_timestep() == 24
   assert report['num_samples'] == 1 and report['metadata'] == {'model': 'tiny'}
   assert report['mean_loss'][0] is None and len(report['timesteps']) == 100
+  assert report['schedule']['kind'] == 'flow_matching'
+  np.testing.assert_allclose(report['schedule']['sigma'], sigmas, rtol=1e-12)
   image = Image.open(png_path)
   assert image.size == (960, 560)
   pixels = np.asarray(image.convert('RGB'))

@@ -8,6 +8,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from configs import omgsr as omgsr_configs
 from sr_jax import mid_timestep_search
@@ -49,6 +50,34 @@ def test_search_on_tiny_config_writes_report_with_argmin(tmp_path):
   assert meta['preset'] == config.data.preset and meta['config_t_star'] == config.model.t_star
   assert meta['loss_at_config_t_star'] == result['mean_curve'][config.model.t_star]
   assert meta['mean_lq_snr'] > 0 and meta['mean_hq_latent_power'] > 0
+
+
+def test_flow_matching_search_is_eq_18_19_of_the_pair_statistics(tmp_path):
+  """A FLUX scheduler config switches the same search to OMGSR-F's grid (sigma_t = time shift of
+  t / 999, mu = 1.15); its curve is Eq. 18-19 of the per-pair statistics, computed here by hand."""
+  config = omgsr_configs.get_config('tiny')
+  config.model.scheduler_config = dict(
+      _class_name='FlowMatchEulerDiscreteScheduler', num_train_timesteps=1000, shift=3.0,
+      use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+      max_image_seq_len=4096)
+  result = mid_timestep_search.search_mid_timestep(config, num_pairs=2, batch_size=2,
+                                                   out_dir=str(tmp_path / 'flow'))
+  power, noise_power = result['signal_power'], result['noise_power']
+  assert power.shape == noise_power.shape == (2,)
+  t = np.arange(1000) / 999
+  with np.errstate(divide='ignore'):
+    sigmas = np.exp(1.15) / (np.exp(1.15) + (1 / t - 1))
+    snr_t = power[:, None] * (1 - sigmas) ** 2 / sigmas ** 2  # Eq. 18
+  expected = np.abs(snr_t - (power / noise_power)[:, None]).mean(0)  # Eq. 19
+  np.testing.assert_allclose(result['mean_curve'], expected, rtol=1e-12)
+  t_star = result['t_star']
+  assert t_star == int(np.argmin(expected))
+  meta = result['metadata']
+  assert meta['schedule'] == 'flow_matching' and meta['equation'].startswith('OMGSR Eq. 18-19')
+  assert meta['sigma_at_t_star'] == pytest.approx(sigmas[t_star], rel=1e-12)
+  with open(result['json_path']) as f:
+    report = json.load(f)
+  assert report['optimal_timestep'] == t_star and report['schedule']['kind'] == 'flow_matching'
 
 
 def test_random_encoder_is_the_training_vae_encoder():

@@ -5,6 +5,8 @@ A tiny random diffusers VAE is saved with ``save_pretrained``, converted from it
 log-variance and decoded images agree to 1e-4 relative to the output scale; bf16 compute to 2e-2 in
 relative L2 norm. Encoder-only and decoder-only models take the matching subtrees of the full tree.
 """
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,3 +114,55 @@ def test_vae_without_quant_convs_matches_diffusers_and_splits(tmp_path):
   tiled_mean, _ = tiled.encode(params, images[0])
   np.testing.assert_allclose(tiled_mean, mean[0], rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(tiled.decode(params, latents[0]), out[0], rtol=1e-4, atol=1e-4)
+
+
+def test_sd3_flux_vaes_through_pretrained_load_vae_and_the_codec(tmp_path):
+  """16-channel VAEs as `pretrained.load_vae` gives them (raw pipeline root, converted sharded
+  folder), with the latent shift: our codec + VAE equal diffusers' pipelines' formulas, SD3
+  (shift 0.0609, scale 1.5305) and FLUX (0.1159, 0.3611): encode ``(mean - shift) * scale``,
+  decode ``vae.decode(z / scale + shift)``."""
+  from sr_jax import pretrained  # pylint: disable=g-import-not-at-top
+  from sr_jax.diffusion.latents import LatentCodec  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(2)
+  images = rng.uniform(-1, 1, (1, 24, 16, 3)).astype(np.float32)
+  z = rng.standard_normal((1, 6, 4, 16)).astype(np.float32)
+  # One program for both VAEs (same architecture; shift and scale live in the codec).
+  run = jax.jit(lambda vae, p, latents: (vae.apply({'params': p}, images, method='encode')[0],
+                                         vae.apply({'params': p}, latents, method='decode')),
+                static_argnums=0)
+  for name, shift, scale in (('sd3', 0.0609, 1.5305), ('flux', 0.1159, 0.3611)):
+    config = dict(td.TINY_VAE, latent_channels=16, use_quant_conv=False,
+                  use_post_quant_conv=False, scaling_factor=scale, shift_factor=shift)
+    td.save_tiny_vae(tmp_path / name / 'vae', config, seed=4)
+    pretrained.convert_folder(tmp_path / name, tmp_path / f'{name}_converted', 'vae',
+                              max_shard_size='40KB')
+    assert os.path.isfile(tmp_path / f'{name}_converted' / 'params.safetensors.index.json')
+    torch_vae = td.load_torch_vae(str(tmp_path / name / 'vae'))
+    with torch.no_grad():
+      ref_latent = (torch_vae.encode(td.nchw(images)).latent_dist.mean - shift) * scale
+      ref_decoded = torch_vae.decode(td.nchw(z) / scale + shift).sample
+    vae, params = pretrained.load_vae(str(tmp_path / name))  # the pipeline root
+    _, converted = pretrained.load_vae(str(tmp_path / f'{name}_converted'))
+    assert jax.tree.all(jax.tree.map(np.array_equal, params, converted))
+    assert vae.latent_channels == 16 and 'quant_conv' not in params
+    codec = LatentCodec.from_vae_config(td.read_config(str(tmp_path / name / 'vae')))
+    assert (codec.shift_factor, codec.scaling_factor) == (shift, scale)
+    mean, decoded = run(vae, params, np.asarray(codec.from_latent(z)))
+    _assert_close(np.asarray(codec.to_latent(mean)), td.nhwc(ref_latent), f'{name} latent')
+    _assert_close(np.asarray(decoded), td.nhwc(ref_decoded), f'{name} decoded')
+
+
+def test_full_size_sd3_vae_param_count_equals_diffusers():
+  """The SD3 / FLUX VAE (next-methods.md Sec. 1.3, Sec. 6): 83,819,683 params, by jax.eval_shape
+  and by diffusers on the meta device, with the same key count."""
+  import diffusers  # pylint: disable=g-import-not-at-top
+  config = {k: v for k, v in td.SD21_BASE_VAE_CONFIG.items() if not k.startswith('_')}
+  config.update(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+                scaling_factor=1.5305, shift_factor=0.0609, sample_size=1024)
+  vae = AutoencoderKL.from_config(config)
+  shapes = jax.eval_shape(vae.init, jax.random.key(0), *vae.dummy_inputs())['params']
+  ours = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes))
+  with torch.device('meta'):
+    reference = diffusers.AutoencoderKL(**config)
+  assert ours == sum(p.numel() for p in reference.parameters()) == 83_819_683
+  assert len(jax.tree.leaves(shapes)) == len(reference.state_dict())

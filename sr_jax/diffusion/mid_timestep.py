@@ -12,6 +12,10 @@ form of the paper (Eq. 3-4), which replaced an earlier noise-power matching rule
   always compute per sample, which is what Eq. 5 writes);
 * latents come from the frozen VAE, sampled and scaled (the streaming command feeds them here).
 
+Both schedule kinds take one code path: a :class:`~sr_jax.diffusion.schedules.NoisingSchedule`
+gives alpha_t^2 and sigma_t^2 of ``z_t = alpha_t z_H + sigma_t eps`` per candidate t, and Eq. 3 /
+Eq. 18 are both ``SNR(z_t) = alpha_t^2 E[z_H^2] / sigma_t^2`` (:func:`snr_factor`).
+
 The stream is reduced to two numbers per sample (mean z_H^2 and mean (z_L - z_H)^2) on the device;
 the 1000-point loss curves are accumulated in float64 on the host.
 
@@ -28,26 +32,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sr_jax.diffusion import schedules
+
 
 def _per_sample_mean_square(x) -> jax.Array:
   x = jnp.asarray(x, jnp.float32)
   return jnp.mean(jnp.square(x).reshape(x.shape[0], -1), axis=1)
 
 
-def ddpm_snr_factor(alphas_cumprod) -> np.ndarray:
-  """``alpha_bar / (1 - alpha_bar)``: SNR(z_t) per unit signal power for DDPM (OMGSR Eq. 3)."""
-  a = np.asarray(alphas_cumprod, np.float64)
-  return a / (1.0 - a)
+def snr_factor(schedule: schedules.NoisingSchedule) -> np.ndarray:
+  """SNR(z_t) per unit signal power, ``alpha_t^2 / sigma_t^2`` for every candidate t (float64).
 
-
-def flow_snr_factor(sigmas) -> np.ndarray:
-  """``(1 - sigma)^2 / sigma^2``: SNR(z_t) per unit signal power for flow matching (OMGSR Eq. 18).
-
-  sigma = 0 (the clean end of the grid) gives +inf.
+  One formula for both kinds: OMGSR Eq. 3 (DDPM, ``alpha_bar / (1 - alpha_bar)``) and Eq. 18 (flow
+  matching, ``(1 - sigma)^2 / sigma^2``). sigma_t = 0 (the clean end of a flow grid) gives +inf.
   """
-  s = np.asarray(sigmas, np.float64)
+  a2 = np.asarray(schedule.alpha_squared, np.float64)
+  s2 = np.asarray(schedule.sigma_squared, np.float64)
   with np.errstate(divide='ignore'):
-    return np.where(s > 0, np.square(1.0 - s) / np.square(np.maximum(s, 1e-300)), np.inf)
+    return np.where(s2 > 0, a2 / np.maximum(s2, 1e-300), np.inf)
+
+
+def _snr_of_latent(alpha_squared, sigma_squared, z_h) -> jax.Array:
+  power = _per_sample_mean_square(z_h)
+  factor = jnp.asarray(alpha_squared, jnp.float32) / jnp.asarray(sigma_squared, jnp.float32)
+  return power[:, None] * factor if factor.ndim else power * factor
 
 
 def snr_of_noised_latent(alpha_bar, z_h) -> jax.Array:
@@ -61,18 +69,14 @@ def snr_of_noised_latent(alpha_bar, z_h) -> jax.Array:
     (B,) for a scalar ``alpha_bar``, (B, T) for a (T,) array.
   """
   alpha_bar = jnp.asarray(alpha_bar, jnp.float32)
-  power = _per_sample_mean_square(z_h)
-  factor = alpha_bar / (1.0 - alpha_bar)
-  return power[:, None] * factor if factor.ndim else power * factor
+  return _snr_of_latent(alpha_bar, 1.0 - alpha_bar, z_h)
 
 
 def snr_of_flow_latent(sigma, z_h) -> jax.Array:
   """OMGSR Eq. 18: ``SNR(z_t) = (1 - sigma)^2 E[z_H^2] / sigma^2`` (shapes as
   :func:`snr_of_noised_latent`)."""
   sigma = jnp.asarray(sigma, jnp.float32)
-  power = _per_sample_mean_square(z_h)
-  factor = jnp.square(1.0 - sigma) / jnp.square(sigma)
-  return power[:, None] * factor if factor.ndim else power * factor
+  return _snr_of_latent(jnp.square(1.0 - sigma), jnp.square(sigma), z_h)
 
 
 def snr_of_lq_latent(z_h, z_l) -> jax.Array:
@@ -85,7 +89,7 @@ def mid_timestep_loss_curves(snr_factor, signal_power, lq_snr) -> np.ndarray:
   """Per-sample summand of OMGSR Eq. 5 / 19: ``|SNR(z_t) - SNR(z_L)|`` for every candidate t.
 
   Args:
-    snr_factor: (T,) SNR(z_t) per unit signal power (:func:`ddpm_snr_factor`, :func:`flow_snr_factor`).
+    snr_factor: (T,) SNR(z_t) per unit signal power (:func:`snr_factor` of a schedule).
     signal_power: (B,) per-sample E[z_H^2].
     lq_snr: (B,) per-sample SNR(z_L) (Eq. 4).
 
@@ -104,28 +108,36 @@ def latent_pair_statistics(z_h: jax.Array, z_l: jax.Array) -> tuple[jax.Array, j
 
 
 class MidTimestepAccumulator:
-  """Streams (z_H, z_L) batches and keeps the running dataset mean of the Eq. 5 loss curve.
+  """Streams (z_H, z_L) batches and keeps the running dataset mean of the Eq. 5 / 19 loss curve.
 
-  ``snr_factor[t]`` is SNR(z_t) per unit signal power for timestep index t (build it with
-  :meth:`for_ddpm` or :meth:`for_flow_matching`); t* = argmin of :meth:`mean_curve`.
+  ``snr_factor[t]`` is SNR(z_t) per unit signal power for timestep index t; build it from a
+  :class:`~sr_jax.diffusion.schedules.NoisingSchedule` of either kind with :meth:`for_schedule`
+  (:meth:`for_ddpm` and :meth:`for_flow_matching` are shorthands); t* = argmin of
+  :meth:`mean_curve`.
   """
 
-  def __init__(self, snr_factor, timesteps=None):
+  def __init__(self, snr_factor, timesteps=None, schedule: schedules.NoisingSchedule | None = None):
     self.snr_factor = np.asarray(snr_factor, np.float64)
     self.timesteps = (np.arange(len(self.snr_factor)) if timesteps is None
                       else np.asarray(timesteps))
+    self.schedule = schedule
     self._sum = np.zeros_like(self.snr_factor)
     self.count = 0
 
   @classmethod
+  def for_schedule(cls, schedule: schedules.NoisingSchedule) -> 'MidTimestepAccumulator':
+    """Candidates t = 0..T-1 of a DDPM or flow-matching schedule (OMGSR Eq. 3-5 / 18-19)."""
+    return cls(snr_factor(schedule), schedule.timesteps, schedule)
+
+  @classmethod
   def for_ddpm(cls, alphas_cumprod) -> 'MidTimestepAccumulator':
     """Candidates t = 0..N-1 of a DDPM schedule (OMGSR Eq. 3-5)."""
-    return cls(ddpm_snr_factor(alphas_cumprod))
+    return cls.for_schedule(schedules.NoisingSchedule.ddpm(alphas_cumprod))
 
   @classmethod
   def for_flow_matching(cls, sigmas) -> 'MidTimestepAccumulator':
     """Candidates t = 0..N-1 with ``sigmas[t]`` (e.g. ``flux_mid_timestep_sigmas()``; Eq. 18-19)."""
-    return cls(flow_snr_factor(sigmas))
+    return cls.for_schedule(schedules.NoisingSchedule.flow_matching(sigmas))
 
   def add(self, z_h, z_l) -> None:
     """Adds a batch of latent pairs (B, ...) - each sample counts once."""
@@ -157,7 +169,8 @@ def _finite_or_none(values) -> list:
 def write_mid_timestep_report(out_dir: str, accumulator: MidTimestepAccumulator, *,
                               name: str = 'mid_timestep',
                               metadata: Mapping[str, Any] | None = None) -> tuple[str, str]:
-  """Writes ``<name>.json`` (t*, sample count, curve; non-finite values as null) and ``<name>.png``.
+  """Writes ``<name>.json`` (t*, sample count, curve, the schedule's alpha_bar_t or sigma_t;
+  non-finite values as null) and ``<name>.png``.
 
   Returns the two paths.
   """
@@ -170,12 +183,17 @@ def write_mid_timestep_report(out_dir: str, accumulator: MidTimestepAccumulator,
                 timesteps=[int(t) for t in accumulator.timesteps],
                 mean_loss=_finite_or_none(curve),
                 metadata=dict(metadata or {}))
+  schedule = accumulator.schedule
+  if schedule is not None:  # the noise level of every candidate: alpha_bar_t or sigma_t
+    report['schedule'] = {'kind': schedule.kind,
+                          schedule.value_name: _finite_or_none(schedule.values)}
+  equation = 'Eq. 19' if schedule is not None and schedule.kind == 'flow_matching' else 'Eq. 5'
   json_path = os.path.join(out_dir, f'{name}.json')
   with open(json_path, 'w') as f:
     json.dump(report, f, indent=1)
   png_path = os.path.join(out_dir, f'{name}.png')
   plot_loss_curve(png_path, accumulator.timesteps, curve, t_star,
-                  title=f'OMGSR Eq. 5 mean |SNR(z_t) - SNR(z_L)|, t* = {t_star} '
+                  title=f'OMGSR {equation} mean |SNR(z_t) - SNR(z_L)|, t* = {t_star} '
                         f'(N = {accumulator.count})')
   return json_path, png_path
 
