@@ -22,11 +22,7 @@ optimizer state are split by `sr_jax.sharding.fsdp_shardings` (LoRA and moments 
 shardings) are compiled: nothing is materialised. ``--double`` / ``--single`` shrink the depth
 for scaling runs. Caveat: XLA:CPU is not XLA:GPU (the CPU attention is the chunked path of
 `cpu_kernels`, GPU uses cuDNN flash), so the figure estimates the GPU's and is to be checked on
-one. Scaling seen on the 2-core VM (full width, 1024^2, remat, 2026-12-04): per device 3.28 GiB
-at 1 + 1 blocks and 4.17 GiB at 2 + 2 with fsdp 8 (+0.9 GiB per double + single pair; without
-remat +2.6 GiB), but 3.29 / 5.91 GiB with fsdp 1 (+1.6 GiB per pair, about the float32 size of
-the pair's bf16 weights): XLA:CPU seems to keep float32 copies of bf16 weights for its dots, which
-a GPU would not, so the CPU figure is likely pessimistic.
+one; the depth-scaling figures and what they suggest about XLA:CPU are in RESULTS.md.
 
 ::
 
