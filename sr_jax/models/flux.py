@@ -61,6 +61,8 @@ import numpy as np
 from sr_jax.models import cpu_kernels
 from sr_jax.models.layers import (RMSNorm, TimestepEmbedding, attention_implementation, maybe_remat,
                                   timestep_embedding)
+# The float32 LayerNorm statistics and adaLN modulation are SD3's (eps 1e-6 in both models).
+from sr_jax.models.mmdit import layer_norm, modulate
 
 Dtype = Any
 
@@ -84,7 +86,7 @@ OMGSR_F_LORA_TARGETS = (
     'attn.add_q_proj', 'attn.add_v_proj', 'attn.to_add_out', 'ff.net.0.proj', 'ff.net.2',
     'ff_context.net.0.proj', 'ff_context.net.2')
 ROPE_THETA = 10000.0       # FluxPosEmbed(theta=10000): fixed in diffusers, not a config field
-NORM_EPS = 1e-6            # every LayerNorm and the qk RMSNorms
+NORM_EPS = 1e-6            # the qk RMSNorms (LayerNorms: mmdit.LAYER_NORM_EPS, also 1e-6)
 TIMESTEP_CHANNELS = 256    # sinusoid width of the timestep and guidance embedders
 MLP_RATIO = 4              # FeedForward mult and FluxSingleTransformerBlock mlp_ratio
 PACK = 2                   # FluxPipeline's 2x2 latent packing
@@ -196,19 +198,6 @@ class CombinedTimestepTextProjEmbeddings(nn.Module):
           sinusoid(guidance))
     return emb + TimestepEmbedding(self.embedding_dim, name='text_embedder', **kw)(
         pooled_projections.astype(self.dtype))
-
-
-def layer_norm(x: jax.Array, eps: float = NORM_EPS) -> jax.Array:
-  """``nn.LayerNorm(elementwise_affine=False)`` over the last axis: float32, two-pass variance."""
-  x = x.astype(jnp.float32)
-  centred = x - x.mean(axis=-1, keepdims=True)
-  return centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + eps)
-
-
-def modulate(normed: jax.Array, shift: jax.Array, scale: jax.Array, dtype: Dtype) -> jax.Array:
-  """adaLN ``normed * (1 + scale) + shift`` in float32, cast to ``dtype``."""
-  f32 = jnp.float32
-  return (normed * (1.0 + scale.astype(f32)) + shift.astype(f32)).astype(dtype)
 
 
 class AdaLayerNormZero(nn.Module):
