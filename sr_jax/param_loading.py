@@ -202,12 +202,6 @@ def place_params(reader: CheckpointReader, expected: Any, param_dtype: Any, *,
   return traverse_util.unflatten_dict(out)
 
 
-def read_numpy_params(reader: CheckpointReader, dtype: Any = np.float32) -> dict:
-  """The reader's params as a numpy tree in ``dtype`` (small models, writing)."""
-  return traverse_util.unflatten_dict({p: cast(read(None), np.dtype(dtype))
-                                       for p, read in reader.leaves.items()})
-
-
 def write_params(folder: str, stem: str, reader: CheckpointReader, dtype: Any | None, *,
                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> int:
   """Writes the reader's params under '/'-joined Flax paths, each leaf in ``dtype`` (None: its

@@ -319,13 +319,6 @@ def converted_reader(folder: str, expected: Any, *, module: Any = None,
       where=param_loading.converted_files_where(folder, files, PARAMS_STEM))
 
 
-def convert_raw_folder(folder: str, kind: str, module: Any, *, variant: str | None = None,
-                       allow_pickle: bool = False) -> dict:
-  """Reads a raw hub-layout folder and converts it to ``module``'s Flax param tree (float32 numpy)."""
-  return param_loading.read_numpy_params(
-      raw_reader(folder, kind, module, variant=variant, allow_pickle=allow_pickle))
-
-
 def read_converted_params(folder: str, expected: Any, *, drop_top_level: Sequence[str] = ()) -> dict:
   """Reads the params of a converted folder, checked against the ``expected`` tree (numpy, stored
   dtype). Top-level subtrees named in ``drop_top_level`` are skipped (a VAE built with only some
